@@ -1,0 +1,5 @@
+import sys
+
+from linearard.cli import main
+
+sys.exit(main())

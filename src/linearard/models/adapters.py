@@ -1,0 +1,165 @@
+"""Trainable deltas on a frozen model, which can be switched off to recover the original weights.
+
+Switching the deltas off is what makes the teacher free: the frozen base weights *are* the teacher,
+so no second copy of the model is ever loaded.
+
+Modes:
+    ``lora``  — peft LoRA on the target projections (default q/k/v).
+    ``dense`` — a full-rank trainable delta on each target projection (full q/k/v training).
+    ``full``  — dense deltas on every linear layer of the decoder blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from linearard.errors import UserError
+
+ADAPTER_MODES = ("lora", "dense", "full")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj")
+
+
+class DeltaLinear(nn.Module):
+    """``y = x (W + Δ)ᵀ + b`` with W frozen and Δ trainable (initialised to zero); Δ can be disabled."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        self.delta = nn.Parameter(torch.zeros_like(base.weight))
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
+        return F.linear(x, self.base.weight + self.delta.to(self.base.weight.dtype), self.base.bias)
+
+    def merged(self) -> nn.Linear:
+        with torch.no_grad():
+            w = self.base.weight.float() + self.delta.float()
+            self.base.weight.copy_(w.to(self.base.weight.dtype))
+        return self.base
+
+
+def add_adapters(
+    model: nn.Module,
+    mode: str = "lora",
+    *,
+    rank: int = 128,
+    alpha: float = 256.0,
+    dropout: float = 0.0,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+) -> nn.Module:
+    """Freeze `model` and add trainable deltas; returns the model to train (a peft model for LoRA).
+
+    The default targets q/k/v mean ``qkv_proj`` on models with a fused projection (Phi-3).
+
+    Example:
+        >>> model = add_adapters(model, "lora", rank=16, alpha=32)  # doctest: +SKIP
+        >>> with adapters_disabled(model):  # the original weights  # doctest: +SKIP
+        ...     teacher_logits = model(ids).logits
+    """
+    if mode not in ADAPTER_MODES:
+        raise UserError(f"unknown adapter mode {mode!r}; choose one of {', '.join(ADAPTER_MODES)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = _check_targets(model, targets)
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none"
+        )
+        return get_peft_model(model, config)
+    if mode == "dense":
+        targets = _check_targets(model, targets)
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+    else:
+        layers = _decoder_layers(model)
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(layers)]
+    for name in names:
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, DeltaLinear(getattr(parent, attr)))
+    return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run `model` with its original (frozen) weights inside the block."""
+    deltas = [m for m in model.modules() if isinstance(m, DeltaLinear)]
+    if deltas:
+        for m in deltas:
+            m.enabled = False
+        try:
+            yield
+        finally:
+            for m in deltas:
+                m.enabled = True
+    elif hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold the deltas into the weights (in fp32) and return the plain transformers model."""
+    if hasattr(model, "merge_and_unload"):
+        dtype = next(model.parameters()).dtype
+        return model.float().merge_and_unload().to(dtype)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, DeltaLinear):
+            parent, attr = _parent(model, name)
+            setattr(parent, attr, module.merged())
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors only, by name (what a checkpoint must keep)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise UserError(
+            f"checkpoint adapters do not match this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+def _check_targets(model: nn.Module, targets: Sequence[str]) -> Sequence[str]:
+    found = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if tuple(targets) == DEFAULT_TARGETS and "q_proj" not in found and "qkv_proj" in found:
+        return ("qkv_proj",)  # fused projection (Phi-3)
+    missing = [t for t in targets if t not in found]
+    if missing:
+        raise UserError(f"the model has no linear layers named {missing}; its projections are {sorted(found)}")
+    return targets
+
+
+def _decoder_layers(model: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, nn.ModuleList):
+            return name + "."
+    raise UserError("cannot find the decoder layers of this model")
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr

@@ -1,0 +1,189 @@
+"""One model, two roles: the native-RoPE teacher and the RoPE-scaled student share every weight.
+
+- teacher: adapters off, the model's own rotary embedding (native frequencies);
+- student: adapters on, a `StudentRope` built from the scaled config.
+
+Q/K/V are read where attention receives them, through transformers' attention interface: a thin
+implementation registered under its own name hands the tensors to a callback and then delegates to
+the model's usual implementation (sdpa, eager, flash…). No per-architecture patches.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from linearard.errors import UserError
+from linearard.models.adapters import adapters_disabled
+from linearard.models.rope import LENGTH_DEPENDENT, RopeScaling, scaled_config
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What one attention call received.
+
+    Shape:
+        query: [B, Hq, T, D] after RoPE (and q-norm where the model has one).
+        key, value: [B, Hkv, T, D], not repeated for grouped-query attention.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    scaling: float
+
+
+LayerCallback = Callable[[int, AttentionInputs], None]
+
+_PREFIX = "linearard_capture:"
+_active: list[LayerCallback] = []
+
+
+def _capturing_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if _active:
+        _active[-1](module.layer_idx, AttentionInputs(query, key, value, float(scaling)))
+    inner = module.config._attn_implementation.removeprefix(_PREFIX)
+    if inner == "eager":
+        fn = sys.modules[type(module).__module__].eager_attention_forward
+    else:
+        fn = ALL_ATTENTION_FUNCTIONS[inner]
+    return fn(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register(inner: str) -> str:
+    name = _PREFIX + inner
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _capturing_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    return name
+
+
+class StudentRope(nn.Module):
+    """The student's rotary embedding: the model's own rotary class built from the scaled config.
+
+    Types whose frequencies depend on the current length (dynamic NTK, LongRoPE) are frozen at their
+    long-context frequencies; on short training texts they would otherwise fall back to the native
+    frequencies, and there would be nothing to restore. YaRN/LongRoPE attention scaling stays inside
+    cos/sin, so it enters the relation logits exactly as it enters attention.
+    """
+
+    def __init__(self, native: nn.Module, config: Any, scaling: RopeScaling):
+        super().__init__()
+        self.rope = type(native)(config)
+        per_type = isinstance(self.rope.rope_type, dict)
+        for layer_type in self.rope.rope_type if per_type else [None]:
+            kind = self.rope.rope_type[layer_type] if per_type else self.rope.rope_type
+            if kind not in LENGTH_DEPENDENT:
+                continue
+            kwargs = {"layer_type": layer_type} if per_type else {}
+            inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[kind](
+                config, None, seq_len=scaling.target_length, **kwargs
+            )
+            prefix = f"{layer_type}_" if per_type else ""
+            getattr(self.rope, f"{prefix}inv_freq").copy_(inv_freq)
+            getattr(self.rope, f"{prefix}original_inv_freq").copy_(inv_freq)
+            setattr(self.rope, f"{prefix}attention_scaling", attention_scaling)
+            # A name transformers' run-time update does not recognise: the frequencies stay put.
+            if per_type:
+                self.rope.rope_type[layer_type] = f"{kind}@{scaling.target_length}"
+            else:
+                self.rope.rope_type = f"{kind}@{scaling.target_length}"
+
+    def forward(self, *args, **kwargs):
+        return self.rope(*args, **kwargs)
+
+
+class TeacherStudent:
+    """The teacher and the student as two views of one model.
+
+    Args:
+        model: a transformers causal LM, usually with adapters (`linearard.models.adapters`).
+        scaling: the student's RoPE scaling.
+
+    Example:
+        >>> ts = TeacherStudent(model, RopeScaling.resolve(model.config, "linear", 4.0))  # doctest: +SKIP
+        >>> with torch.no_grad(), ts.teacher(), ts.capture(lambda i, a: ...):  # doctest: +SKIP
+        ...     model(input_ids)
+    """
+
+    def __init__(self, model: nn.Module, scaling: RopeScaling):
+        self.model = model
+        self.scaling = scaling
+        self.decoder = _find_decoder(model)
+        self.native_rope = self.decoder.rotary_emb
+        self.student_config = scaled_config(self.decoder.config, scaling)
+        self.student_rope = StudentRope(self.native_rope, self.student_config, scaling)
+
+    @property
+    def config(self) -> Any:
+        return self.decoder.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @contextmanager
+    def teacher(self) -> Iterator[None]:
+        """Adapters off, native RoPE. Wrap in ``torch.no_grad()`` yourself."""
+        with adapters_disabled(self.model), self._rope(self.native_rope):
+            yield
+
+    @contextmanager
+    def student(self) -> Iterator[None]:
+        """Adapters on, scaled RoPE."""
+        with self._rope(self.student_rope):
+            yield
+
+    @contextmanager
+    def capture(self, fn: LayerCallback) -> Iterator[None]:
+        """Call ``fn(layer_idx, AttentionInputs)`` inside every attention call of the block."""
+        config = self.decoder.config
+        previous = config._attn_implementation
+        inner = previous.removeprefix(_PREFIX)
+        config._attn_implementation = _register(inner)
+        _active.append(fn)
+        try:
+            yield
+        finally:
+            _active.pop()
+            config._attn_implementation = previous
+
+    @contextmanager
+    def _rope(self, rope: nn.Module) -> Iterator[None]:
+        previous = self.decoder.rotary_emb
+        device = _buffer_device(previous)
+        if _buffer_device(rope) != device:
+            rope.to(device)
+        self.decoder.rotary_emb = rope
+        try:
+            yield
+        finally:
+            self.decoder.rotary_emb = previous
+
+
+def _find_decoder(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if hasattr(module, "rotary_emb") and hasattr(module, "layers"):
+            return module
+    raise UserError(
+        f"{type(model).__name__} has no rotary embedding module this tool can scale (unsupported architecture)"
+    )
+
+
+def _buffer_device(module: nn.Module) -> torch.device:
+    for buf in module.buffers():
+        return buf.device
+    return torch.device("cpu")

@@ -1,0 +1,101 @@
+"""Tiny random models and a byte-level tokenizer, built in-process for tests (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+VOCAB = 260  # 256 bytes + 4 specials
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=258,
+)
+
+
+def tiny_config(family: str = "llama", **overrides):
+    """A config of `family` small enough to train for a few steps on a CPU in seconds."""
+    kw = dict(_COMMON)
+    if family == "llama":
+        cls = LlamaConfig
+        kw.update(head_dim=16)
+    elif family == "mistral":
+        cls = MistralConfig
+        kw.update(head_dim=16, sliding_window=64)
+    elif family == "qwen2":
+        cls = Qwen2Config
+    elif family == "qwen3":
+        cls = Qwen3Config
+        kw.update(head_dim=16)
+    elif family == "gemma2":
+        cls = Gemma2Config
+        kw.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=32,
+                  attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    elif family == "gemma3":
+        cls = Gemma3TextConfig
+        kw.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=32, num_hidden_layers=3,
+                  layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    elif family == "phi3":
+        cls = Phi3Config
+        kw.update(hidden_size=96, num_attention_heads=4, num_key_value_heads=2,  # head_dim 24
+                  original_max_position_embeddings=256)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    attn = "eager" if family.startswith("gemma") else "sdpa"  # softcapping needs eager attention
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    return model.eval()
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with ids 0..255 for bytes plus <s>, </s>, <pad>, <unk>."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_of)
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab.update({"<s>": 256, "</s>": 257, "<pad>": 258, "<unk>": 259})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    return fast
+
+
+def _byte_of(ch: str) -> int:
+    # GPT-2 byte-to-unicode mapping, inverted: printable bytes map to themselves, the rest to 256+k.
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    code = ord(ch)
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
