@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from tiny import FAMILIES, byte_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -28,6 +27,7 @@ from linearard.models.rope import (
     scaled_config,
 )
 from linearard.models.teacher_student import TeacherStudent
+from tiny import FAMILIES, byte_tokenizer, tiny_model
 
 IDS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
 

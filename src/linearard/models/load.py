@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from linearard.cache import cache_dir
 from linearard.errors import UserError
 from linearard.models.rope import RopeScaling, scaled_config
 
@@ -71,13 +72,6 @@ def resolve_path(spec: str) -> Path:
         known = ", ".join(_EMBEDDED)
         raise UserError(f"model {spec!r} not found: give a local folder, a .gguf file, or one of: {known}")
     return path
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: $LINEARARD_CACHE, else $XDG_CACHE_HOME/linearard, else ~/.cache."""
-    if os.environ.get("LINEARARD_CACHE"):
-        return Path(os.environ["LINEARARD_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "linearard"
 
 
 def _embedded_folder(name: str) -> Path:

@@ -58,7 +58,7 @@ class RopeScaling:
         if factor is not None and not (math.isfinite(factor) and factor > 1.0):
             raise UserError(f"--rope-factor must be a number above 1, got {factor}")
         if target_length is None:
-            target_length = int(round(native * factor))
+            target_length = round(native * factor)
         if target_length <= native:
             raise UserError(
                 f"target length {target_length} is not above the model's native length {native}"
@@ -78,7 +78,7 @@ def native_length(config: Any) -> int:
         if p.get("original_max_position_embeddings"):
             return int(p["original_max_position_embeddings"])
         if p.get("rope_type") == "linear":  # PI configs carry only the factor
-            return int(round(config.max_position_embeddings / p["factor"]))
+            return round(config.max_position_embeddings / p["factor"])
     return int(config.max_position_embeddings)
 
 
