@@ -5,7 +5,8 @@
 
 Q/K/V are read where attention receives them, through transformers' attention interface: a thin
 implementation registered under its own name hands the tensors to a callback and then delegates to
-the model's usual implementation (sdpa, eager, flash…). No per-architecture patches.
+the model's usual implementation (sdpa, eager, flash…). No per-architecture patches. The callback
+travels as a forward keyword argument, which gradient checkpointing replays on recomputation.
 """
 
 from __future__ import annotations
@@ -46,15 +47,18 @@ class AttentionInputs:
 LayerCallback = Callable[[int, AttentionInputs], None]
 
 _PREFIX = "linearard_capture:"
-_active: list[LayerCallback] = []
+# The callback travels as a forward keyword argument: gradient checkpointing stores a layer's kwargs
+# and replays them when it recomputes the layer in backward, so the callback runs there too.
+_CALLBACK_KWARG = "linearard_capture"
 
 
 def _capturing_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if _active:
-        _active[-1](module.layer_idx, AttentionInputs(query, key, value, float(scaling)))
+    callback = kwargs.pop(_CALLBACK_KWARG, None)
+    if callback is not None:
+        callback(module.layer_idx, AttentionInputs(query, key, value, float(scaling)))
     inner = module.config._attn_implementation.removeprefix(_PREFIX)
     if inner == "eager":
         fn = sys.modules[type(module).__module__].eager_attention_forward
@@ -126,6 +130,10 @@ class TeacherStudent:
         self.native_rope = self.decoder.rotary_emb
         self.student_config = scaled_config(self.decoder.config, scaling)
         self.student_rope = StudentRope(self.native_rope, self.student_config, scaling)
+        # Installed for good, not per capture: gradient checkpointing recomputes layers during backward,
+        # after the capture block has closed, and must reach it again. Without a callback it only delegates.
+        config = self.decoder.config
+        config._attn_implementation = _register(config._attn_implementation.removeprefix(_PREFIX))
 
     @property
     def config(self) -> Any:
@@ -150,16 +158,15 @@ class TeacherStudent:
     @contextmanager
     def capture(self, fn: LayerCallback) -> Iterator[None]:
         """Call ``fn(layer_idx, AttentionInputs)`` inside every attention call of the block."""
-        config = self.decoder.config
-        previous = config._attn_implementation
-        inner = previous.removeprefix(_PREFIX)
-        config._attn_implementation = _register(inner)
-        _active.append(fn)
+
+        def add_callback(module, args, kwargs):
+            return args, {**kwargs, _CALLBACK_KWARG: fn}
+
+        handle = self.decoder.register_forward_pre_hook(add_callback, with_kwargs=True)
         try:
             yield
         finally:
-            _active.pop()
-            config._attn_implementation = previous
+            handle.remove()
 
     @contextmanager
     def _rope(self, rope: nn.Module) -> Iterator[None]:

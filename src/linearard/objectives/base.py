@@ -1,0 +1,205 @@
+"""What every objective shares: the batch format, the two forwards, layer selection, metrics.
+
+An objective does not run the model itself. It starts a `Step` for a batch; the step says what it
+needs from the teacher and the student forward (attention inputs of some layers, hidden states at
+some depths) and turns what it received into a loss. `run_steps` runs one teacher forward and one
+student forward for any number of steps, so a combination such as ``ard+hidden`` costs no more
+forwards than ``ard`` alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, ClassVar, TypedDict
+
+import torch
+
+from linearard.errors import UserError
+
+if TYPE_CHECKING:
+    from linearard.models.teacher_student import AttentionInputs, TeacherStudent
+
+
+class Batch(TypedDict):
+    """One micro-batch. ``attention_mask`` is 1 for real tokens and 0 for padding.
+
+    Shape:
+        input_ids: [B, T] (long); attention_mask: [B, T] (long or bool).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+Metrics = dict[str, torch.Tensor]
+HiddenStates = dict[int, torch.Tensor]
+
+
+class Step:
+    """One objective's work on one batch.
+
+    Hidden-state indices follow transformers' ``hidden_states`` tuple: 0 is the embedding output,
+    ``i`` the output of decoder layer ``i - 1`` and ``num_layers`` the final, normalised state.
+    """
+
+    needs_teacher: bool = True
+    # Whether the attention hooks must be called (installing the capture costs a little on its own).
+    captures_attention: bool = False
+    teacher_hidden: frozenset[int] = frozenset()
+    student_hidden: frozenset[int] = frozenset()
+
+    def on_teacher_attention(self, layer: int, inputs: AttentionInputs) -> None:
+        """Called inside each attention call of the teacher forward (under ``no_grad``)."""
+
+    def on_student_attention(self, layer: int, inputs: AttentionInputs) -> None:
+        """Called inside each attention call of the student forward, and again for a layer whose
+        forward gradient checkpointing recomputes during backward."""
+
+    def finish(self, teacher: HiddenStates, student: HiddenStates) -> tuple[torch.Tensor, Metrics]:
+        """The scalar loss and detached 0-d metric tensors, once both forwards have returned."""
+        raise NotImplementedError
+
+
+class Objective:
+    """A training loss computed from a batch and the teacher/student pair.
+
+    Subclasses set `name` and implement `start`. Calling an objective runs its forwards and returns
+    ``(loss, metrics)``; the caller only calls ``loss.backward()``.
+    """
+
+    name: ClassVar[str]
+
+    def start(self, ts: TeacherStudent, batch: Batch) -> Step:
+        raise NotImplementedError
+
+    def __call__(self, ts: TeacherStudent, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        ((loss, metrics),) = run_steps(ts, batch, [self.start(ts, batch)])
+        return loss, metrics_to_floats(metrics)
+
+
+def run_steps(
+    ts: TeacherStudent, batch: Batch, steps: Sequence[Step]
+) -> list[tuple[torch.Tensor, Metrics]]:
+    """One teacher forward (if any step needs it) and one student forward serving every step."""
+    input_ids, mask = batch["input_ids"], attention_mask(batch)
+    teacher: HiddenStates = {}
+    if any(s.needs_teacher for s in steps):
+        wanted = frozenset().union(*(s.teacher_hidden for s in steps))
+        hooks = [s.on_teacher_attention for s in steps if s.captures_attention]
+        with torch.no_grad(), ts.teacher(), _capture(ts, hooks):
+            teacher = _forward(ts, input_ids, mask, wanted)
+    wanted = frozenset().union(*(s.student_hidden for s in steps))
+    hooks = [s.on_student_attention for s in steps if s.captures_attention]
+    with ts.student(), _capture(ts, hooks):
+        student = _forward(ts, input_ids, mask, wanted)
+    return [s.finish(teacher, student) for s in steps]
+
+
+def attention_mask(batch: Batch) -> torch.Tensor:
+    """The batch's attention mask, all ones when the batch has none."""
+    mask = batch.get("attention_mask")
+    return torch.ones_like(batch["input_ids"]) if mask is None else mask
+
+
+def metrics_to_floats(metrics: Metrics) -> dict[str, float]:
+    """Detached 0-d tensors -> floats with a single device synchronisation."""
+    if not metrics:
+        return {}
+    values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()]).tolist()
+    return dict(zip(metrics, values))
+
+
+def select_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
+    """Resolve a layer choice to sorted decoder-layer indices in ``[0, num_layers)``.
+
+    Args:
+        spec: ``"all"``, ``"every-other"`` (the first, third, …), a list of indices, or a string of
+            comma-separated indices and inclusive ranges (``"0-11"``, ``"0,4,8"``). Negative indices
+            count from the end.
+        num_layers: the model's number of decoder layers.
+
+    Example:
+        >>> select_layers("every-other", 5)
+        [0, 2, 4]
+        >>> select_layers("1,-1", 4)
+        [1, 3]
+        >>> select_layers("0-2,5", 8)
+        [0, 1, 2, 5]
+    """
+    if isinstance(spec, str):
+        if spec == "all":
+            return list(range(num_layers))
+        if spec == "every-other":
+            return list(range(0, num_layers, 2))
+        spec = _parse_indices(spec)
+    chosen = set()
+    for index in spec:
+        resolved = index + num_layers if index < 0 else index
+        if not 0 <= resolved < num_layers:
+            raise UserError(f"layer {index} is out of range: this model has layers 0..{num_layers - 1}")
+        chosen.add(resolved)
+    if not chosen:
+        raise UserError("no layers chosen")
+    return sorted(chosen)
+
+
+def _parse_indices(text: str) -> list[int]:
+    indices = []
+    for part in text.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+        try:
+            indices.extend(range(int(match[1]), int(match[2]) + 1) if match else [int(part)])
+        except ValueError:
+            raise UserError(
+                f"layers must be 'all', 'every-other' or indices and ranges such as '0-11,15'; got {text!r}"
+            ) from None
+    return indices
+
+
+def layer_groups(layers: Sequence[int], num_layers: int) -> dict[str, list[int]]:
+    """Split chosen layer indices into the thirds of the model they fall in, named by their range.
+
+    Example:
+        >>> layer_groups([0, 2, 4, 5], 6)
+        {'layers_0-1': [0], 'layers_2-3': [2], 'layers_4-5': [4, 5]}
+    """
+    bounds = [round(num_layers * k / 3) for k in range(4)]
+    groups = {}
+    for lo, hi in itertools.pairwise(bounds):
+        members = [i for i in layers if lo <= i < hi]
+        if members:
+            groups[f"layers_{lo}-{hi - 1}"] = members
+    return groups
+
+
+def _capture(ts: TeacherStudent, hooks: list[Callable]) -> contextlib.AbstractContextManager:
+    if not hooks:
+        return contextlib.nullcontext()
+    if len(hooks) == 1:
+        return ts.capture(hooks[0])
+
+    def each(layer: int, inputs: AttentionInputs) -> None:
+        for hook in hooks:
+            hook(layer, inputs)
+
+    return ts.capture(each)
+
+
+def _forward(
+    ts: TeacherStudent, input_ids: torch.Tensor, mask: torch.Tensor, wanted: frozenset[int]
+) -> HiddenStates:
+    # Through the whole model, so wrappers around it (peft, data-parallel) see a forward; but with the
+    # LM head on the last position only: objectives that need logits apply the head themselves, in
+    # chunks. Only the wanted hidden states are kept.
+    out = ts.model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        use_cache=False,
+        logits_to_keep=1,
+        output_hidden_states=sorted(wanted) if wanted else False,
+    )
+    return {i: out.hidden_states[i] for i in wanted}
