@@ -1,0 +1,483 @@
+"""Fused Triton kernels for the relation KL, and the autograd.Function that launches them.
+
+Work in base-2 units: logits are multiplied by scale·log2(e), so every exponential is one exp2.
+
+Forward, one program per (batch, query head, block of rows): a single sweep over the key columns
+keeps online max / sum-of-exponentials for student and teacher together, plus the running
+Σ_j 2^(t_j − m_t)·(t_j − s_j), rescaled whenever the teacher's running max moves. At the end
+    KL_row = ln2 · (Σ p_t (t − s) − lse_t + lse_s),  with Σ p_t (t − s) = cross / l_t.
+Causal programs stop at the diagonal. The two per-row log-sum-exps are all that is kept.
+
+Backward (FlashAttention-2 style, no atomics, so bit-identical run to run): ∂KL_row/∂s_ij = p_s − p_t.
+A dQ kernel sweeps columns per block of rows; a dK kernel sweeps rows per block of key columns and
+loops over the query heads that share that key head itself. Both recompute the logit tiles of
+student and teacher from the saved log-sum-exps.
+
+Triton is optional: without it this module still imports, and `attention_kl_triton` is not reached
+(`linearard.ops.functional` dispatches to the blocked PyTorch path instead).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+class Tiles(NamedTuple):
+    """Launch shape of one kernel: rows and columns per tile, warps, software-pipeline depth."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Chosen per widest head dim (D ≤ 64, ≤ 128, ≤ 256) from timings on an H100 (bf16, T = 8192); see
+# benchmarks/NOTES_relation_kl.md. Forward and dQ: block_m rows per program, block_n columns per step
+# (block_m % block_n == 0). dK: block_n key columns per program, block_m rows per step.
+_TILES = {
+    "fwd": {64: Tiles(128, 64, 4, 3), 128: Tiles(128, 64, 8, 4), 256: Tiles(64, 32, 8, 2)},
+    "dq": {64: Tiles(64, 64, 4, 3), 128: Tiles(128, 64, 8, 3), 256: Tiles(64, 32, 8, 2)},
+    "dk": {64: Tiles(32, 64, 4, 3), 128: Tiles(64, 128, 8, 3), 256: Tiles(64, 64, 8, 2)},
+}
+# GPUs with less shared memory per block than Hopper's 227 KB (Ampere has 163 KB, consumer cards
+# 99 KB) get tiles that fit about 96 KB at D = 128.
+_HOPPER_SHARED_MEMORY = 227 * 1024
+_COMPACT_TILES = {
+    "fwd": {128: Tiles(64, 64, 4, 2), 256: Tiles(32, 32, 4, 1)},
+    "dq": {128: Tiles(64, 64, 4, 2), 256: Tiles(32, 32, 4, 1)},
+    "dk": {128: Tiles(64, 64, 4, 2), 256: Tiles(32, 32, 4, 1)},
+}
+_FLOAT32_TILES = {"fwd": Tiles(64, 32, 4, 2), "dq": Tiles(64, 32, 4, 2), "dk": Tiles(32, 64, 4, 2)}
+# Small tiles for the CPU interpreter, so that tiny test inputs still span several tiles.
+_INTERPRETER_TILES = {"fwd": Tiles(32, 16, 1, 1), "dq": Tiles(32, 16, 1, 1), "dk": Tiles(16, 32, 1, 1)}
+
+
+def pick_tiles(kind: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> Tiles:
+    """Tiles for kernel `kind` ("fwd", "dq" or "dk") at the widest of the two head dims."""
+    if device.type == "cpu":
+        return _INTERPRETER_TILES[kind]
+    if dtype == torch.float32:
+        return _FLOAT32_TILES[kind]
+    table = _TILES[kind]
+    props = torch.cuda.get_device_properties(device)
+    if getattr(props, "shared_memory_per_block_optin", _HOPPER_SHARED_MEMORY) < _HOPPER_SHARED_MEMORY:
+        table = _COMPACT_TILES[kind]
+    return table[min(d for d in table if d >= head_dim)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@_jit
+def _load_rows(base, idx, stride, d, T, D: tl.constexpr, BD: tl.constexpr, CHECK_IDX: tl.constexpr):
+    """Rows `idx` of a [T, D] matrix as a [len(idx), BD] tile, zero-padded past T and past D."""
+    ptrs = base + idx[:, None] * stride + d[None, :]
+    if CHECK_IDX:
+        if D == BD:
+            return tl.load(ptrs, mask=(idx < T)[:, None], other=0.0)
+        return tl.load(ptrs, mask=(idx < T)[:, None] & (d < D)[None, :], other=0.0)
+    if D == BD:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(d < D)[None, :], other=0.0)
+
+
+@_jit
+def _valid_pairs(rows, cols, T, MASK, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EDGE: tl.constexpr):
+    """[rows, cols] (or broadcastable) mask of the pairs that enter the softmax, for one tile.
+
+    EDGE tiles hold the diagonal (causal) or run past T (non-causal tail); others need only padding.
+    """
+    valid = (cols < T)[None, :] & (rows >= 0)[:, None]
+    if EDGE and CAUSAL:
+        valid = valid & (cols[None, :] <= rows[:, None])
+    if HAS_MASK:
+        valid = valid & (tl.load(MASK + cols, mask=cols < T, other=0) != 0)[None, :]
+    return valid
+
+
+@_jit
+def _fwd_step(
+    qs, qt, KS, KT, MASK, sks_t, skt_t, rows, start_n, T, c_s, c_t,
+    m_s, m_t, l_s, l_t, cross,
+    DS: tl.constexpr, DT: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EDGE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    ks = _load_rows(KS, cols, sks_t, tl.arange(0, BDS), T, DS, BDS, EDGE)
+    kt = _load_rows(KT, cols, skt_t, tl.arange(0, BDT), T, DT, BDT, EDGE)
+    s = tl.dot(qs, tl.trans(ks), input_precision=PRECISION)
+    t = tl.dot(qt, tl.trans(kt), input_precision=PRECISION)
+    if EDGE or HAS_MASK:
+        valid = _valid_pairs(rows, cols, T, MASK, CAUSAL, HAS_MASK, EDGE)
+        s = tl.where(valid, s, float("-inf"))
+        t = tl.where(valid, t, float("-inf"))
+    # The scales are positive, so max(s)·c is the max of the scaled row.
+    m_s_new = tl.maximum(m_s, tl.max(s, 1) * c_s)
+    m_t_new = tl.maximum(m_t, tl.max(t, 1) * c_t)
+    w_s = tl.exp2(s * c_s - m_s_new[:, None])
+    w_t = tl.exp2(t * c_t - m_t_new[:, None])
+    alpha_s = tl.exp2(m_s - m_s_new)
+    alpha_t = tl.exp2(m_t - m_t_new)
+    diff = t * c_t - s * c_s
+    if EDGE or HAS_MASK:
+        diff = tl.where(valid, diff, 0.0)  # masked pairs: w_t = 0 but −inf − −inf = NaN
+    cross = cross * alpha_t + tl.sum(w_t * diff, 1)
+    l_s = l_s * alpha_s + tl.sum(w_s, 1)
+    l_t = l_t * alpha_t + tl.sum(w_t, 1)
+    return m_s_new, m_t_new, l_s, l_t, cross
+
+
+@_jit
+def _fwd_kernel(
+    QS, KS, QT, KT, MASK, KL, LSE_S, LSE_T,
+    sqs_b, sqs_h, sqs_t, sks_b, sks_h, sks_t, sqt_b, sqt_h, sqt_t, skt_b, skt_h, skt_t,
+    T, HQ, GROUP_S, GROUP_T, c_s, c_t,
+    DS: tl.constexpr, DT: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Longest causal rows first, so that the short ones fill in the tail of the launch.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B·H·T·D may pass 2^31
+    b = bh // HQ
+    h = bh % HQ
+    rows = start_m + tl.arange(0, BLOCK_M)
+    qs = _load_rows(QS + b * sqs_b + h * sqs_h, rows, sqs_t, tl.arange(0, BDS), T, DS, BDS, True)
+    qt = _load_rows(QT + b * sqt_b + h * sqt_h, rows, sqt_t, tl.arange(0, BDT), T, DT, BDT, True)
+    KS += b * sks_b + (h // GROUP_S) * sks_h
+    KT += b * skt_b + (h // GROUP_T) * skt_h
+    MASK += b * T
+    # A finite start for the running maxima: a row whose first tiles are all padding then keeps
+    # l = 0 and rescale factors of 1 instead of exp2(−inf − −inf) = NaN.
+    m_s = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    m_t = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_s = tl.zeros([BLOCK_M], tl.float32)
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    cross = tl.zeros([BLOCK_M], tl.float32)
+    if CAUSAL:
+        inner_end = start_m
+        edge_end = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        inner_end = (T // BLOCK_N) * BLOCK_N
+        edge_end = T
+    for start_n in range(0, inner_end, BLOCK_N):
+        m_s, m_t, l_s, l_t, cross = _fwd_step(
+            qs, qt, KS, KT, MASK, sks_t, skt_t, rows, start_n, T, c_s, c_t, m_s, m_t, l_s, l_t, cross,
+            DS, DT, BDS, BDT, BLOCK_N, CAUSAL, HAS_MASK, False, PRECISION,
+        )
+    for start_n in range(inner_end, edge_end, BLOCK_N):
+        m_s, m_t, l_s, l_t, cross = _fwd_step(
+            qs, qt, KS, KT, MASK, sks_t, skt_t, rows, start_n, T, c_s, c_t, m_s, m_t, l_s, l_t, cross,
+            DS, DT, BDS, BDT, BLOCK_N, CAUSAL, HAS_MASK, True, PRECISION,
+        )
+    in_range = rows < T
+    row_ok = in_range
+    if HAS_MASK:
+        row_ok = row_ok & (tl.load(MASK + rows, mask=in_range, other=0) != 0)
+    log_l_s = tl.log2(l_s)
+    log_l_t = tl.log2(l_t)
+    kl = 0.6931471805599453 * (cross / l_t + (m_s - m_t) + (log_l_s - log_l_t))
+    # An Inf input can give a ±Inf row (a −inf logit where p_t > 0): report NaN, like a NaN input.
+    kl = tl.where(tl.abs(kl) == float("inf"), float("nan"), kl)
+    out = bh * T + rows
+    tl.store(KL + out, tl.where(row_ok, kl, 0.0), mask=in_range)
+    # +inf for rows that do not count: the backward's exp2(s − lse) is then 0 for them.
+    tl.store(LSE_S + out, tl.where(row_ok, m_s + log_l_s, float("inf")), mask=in_range)
+    tl.store(LSE_T + out, tl.where(row_ok, m_t + log_l_t, float("inf")), mask=in_range)
+
+
+@_jit
+def _dq_step(
+    qs, qt, KS, KT, MASK, sks_t, skt_t, rows, start_n, T, c_s, c_t, lse_s, lse_t, acc,
+    DS: tl.constexpr, DT: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EDGE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    ks = _load_rows(KS, cols, sks_t, tl.arange(0, BDS), T, DS, BDS, EDGE)
+    kt = _load_rows(KT, cols, skt_t, tl.arange(0, BDT), T, DT, BDT, EDGE)
+    s = tl.dot(qs, tl.trans(ks), input_precision=PRECISION)
+    t = tl.dot(qt, tl.trans(kt), input_precision=PRECISION)
+    d_logits = tl.exp2(s * c_s - lse_s[:, None]) - tl.exp2(t * c_t - lse_t[:, None])
+    if EDGE or HAS_MASK:
+        d_logits = tl.where(_valid_pairs(rows, cols, T, MASK, CAUSAL, HAS_MASK, EDGE), d_logits, 0.0)
+    return acc + tl.dot(d_logits.to(ks.dtype), ks, input_precision=PRECISION)
+
+
+@_jit
+def _dq_kernel(
+    QS, KS, QT, KT, MASK, LSE_S, LSE_T, GRAD, DQ,
+    sqs_b, sqs_h, sqs_t, sks_b, sks_h, sks_t, sqt_b, sqt_h, sqt_t, skt_b, skt_h, skt_t,
+    T, HQ, GROUP_S, GROUP_T, c_s, c_t, scale_s,
+    DS: tl.constexpr, DT: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Longest causal rows first, so that the short ones fill in the tail of the launch.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B·H·T·D may pass 2^31
+    b = bh // HQ
+    h = bh % HQ
+    rows = start_m + tl.arange(0, BLOCK_M)
+    d_s = tl.arange(0, BDS)
+    qs = _load_rows(QS + b * sqs_b + h * sqs_h, rows, sqs_t, d_s, T, DS, BDS, True)
+    qt = _load_rows(QT + b * sqt_b + h * sqt_h, rows, sqt_t, tl.arange(0, BDT), T, DT, BDT, True)
+    KS += b * sks_b + (h // GROUP_S) * sks_h
+    KT += b * skt_b + (h // GROUP_T) * skt_h
+    MASK += b * T
+    in_range = rows < T
+    stats = bh * T + rows
+    lse_s = tl.load(LSE_S + stats, mask=in_range, other=float("inf"))
+    lse_t = tl.load(LSE_T + stats, mask=in_range, other=float("inf"))
+    acc = tl.zeros([BLOCK_M, BDS], tl.float32)
+    if CAUSAL:
+        inner_end = start_m
+        edge_end = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        inner_end = (T // BLOCK_N) * BLOCK_N
+        edge_end = T
+    for start_n in range(0, inner_end, BLOCK_N):
+        acc = _dq_step(
+            qs, qt, KS, KT, MASK, sks_t, skt_t, rows, start_n, T, c_s, c_t, lse_s, lse_t, acc,
+            DS, DT, BDS, BDT, BLOCK_N, CAUSAL, HAS_MASK, False, PRECISION,
+        )
+    for start_n in range(inner_end, edge_end, BLOCK_N):
+        acc = _dq_step(
+            qs, qt, KS, KT, MASK, sks_t, skt_t, rows, start_n, T, c_s, c_t, lse_s, lse_t, acc,
+            DS, DT, BDS, BDT, BLOCK_N, CAUSAL, HAS_MASK, True, PRECISION,
+        )
+    grad = tl.load(GRAD + stats, mask=in_range, other=0.0) * scale_s
+    dq = acc * grad[:, None]
+    tl.store(DQ + stats[:, None] * DS + d_s[None, :], dq.to(DQ.dtype.element_ty),
+             mask=in_range[:, None] & (d_s < DS)[None, :])
+
+
+@_jit
+def _dk_step(
+    ks, kt, QS, QT, LSE_S, LSE_T, GRAD, sqs_t, sqt_t, cols, start_m, T, c_s, c_t, acc,
+    DS: tl.constexpr, DT: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr, BLOCK_M: tl.constexpr,
+    DIAGONAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    rows = start_m + tl.arange(0, BLOCK_M)
+    in_range = rows < T
+    qs = _load_rows(QS, rows, sqs_t, tl.arange(0, BDS), T, DS, BDS, True)
+    qt = _load_rows(QT, rows, sqt_t, tl.arange(0, BDT), T, DT, BDT, True)
+    # Rows past T or padding rows have lse = +inf, hence zero probabilities: no row mask needed.
+    lse_s = tl.load(LSE_S + rows, mask=in_range, other=float("inf"))
+    lse_t = tl.load(LSE_T + rows, mask=in_range, other=float("inf"))
+    grad = tl.load(GRAD + rows, mask=in_range, other=0.0)
+    s_tr = tl.dot(ks, tl.trans(qs), input_precision=PRECISION)  # [cols, rows]
+    t_tr = tl.dot(kt, tl.trans(qt), input_precision=PRECISION)
+    d_logits = tl.exp2(s_tr * c_s - lse_s[None, :]) - tl.exp2(t_tr * c_t - lse_t[None, :])
+    d_logits = d_logits * grad[None, :]
+    if DIAGONAL:
+        d_logits = tl.where(rows[None, :] >= cols[:, None], d_logits, 0.0)
+    return acc + tl.dot(d_logits.to(qs.dtype), qs, input_precision=PRECISION)
+
+
+@_jit
+def _dk_kernel(
+    QS, KS, QT, KT, MASK, LSE_S, LSE_T, GRAD, DK,
+    sqs_b, sqs_h, sqs_t, sks_b, sks_h, sks_t, sqt_b, sqt_h, sqt_t, skt_b, skt_h, skt_t,
+    T, HQ, HKV_S, GROUP_S, GROUP_T, c_s, c_t, scale_s,
+    DS: tl.constexpr, DT: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // HKV_S
+    hk = bhk % HKV_S
+    cols = start_n + tl.arange(0, BLOCK_N)
+    d_s = tl.arange(0, BDS)
+    ks = _load_rows(KS + b * sks_b + hk * sks_h, cols, sks_t, d_s, T, DS, BDS, True)
+    acc = tl.zeros([BLOCK_N, BDS], tl.float32)
+    # This program owns these key columns for every query head of its group: no other program
+    # writes them, so the sum needs no atomics and its order is fixed.
+    for g in range(0, GROUP_S):
+        h = hk * GROUP_S + g
+        kt = _load_rows(KT + b * skt_b + (h // GROUP_T) * skt_h, cols, skt_t, tl.arange(0, BDT), T, DT, BDT, True)
+        qs_base = QS + b * sqs_b + h * sqs_h
+        qt_base = QT + b * sqt_b + h * sqt_h
+        stats = (b * HQ + h) * T
+        if CAUSAL:
+            # Rows above the diagonal band see none of these columns; the band needs the causal mask.
+            for start_m in range(start_n, start_n + BLOCK_N, BLOCK_M):
+                acc = _dk_step(
+                    ks, kt, qs_base, qt_base, LSE_S + stats, LSE_T + stats, GRAD + stats, sqs_t, sqt_t,
+                    cols, start_m, T, c_s, c_t, acc, DS, DT, BDS, BDT, BLOCK_M, True, PRECISION,
+                )
+            first_free = start_n + BLOCK_N
+        else:
+            first_free = 0
+        for start_m in range(first_free, T, BLOCK_M):
+            acc = _dk_step(
+                ks, kt, qs_base, qt_base, LSE_S + stats, LSE_T + stats, GRAD + stats, sqs_t, sqt_t,
+                cols, start_m, T, c_s, c_t, acc, DS, DT, BDS, BDT, BLOCK_M, False, PRECISION,
+            )
+    dk = acc * scale_s
+    col_in = cols < T
+    if HAS_MASK:
+        # A padding column is excluded from every row, so its key gets no gradient.
+        dk = tl.where((tl.load(MASK + b * T + cols, mask=col_in, other=0) != 0)[:, None], dk, 0.0)
+    tl.store(DK + (bhk * T + cols)[:, None] * DS + d_s[None, :], dk.to(DK.dtype.element_ty),
+             mask=col_in[:, None] & (d_s < DS)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+class _Problem(NamedTuple):
+    """Everything the three kernels share about one call."""
+
+    q_s: Tensor
+    k_s: Tensor
+    q_t: Tensor
+    k_t: Tensor
+    mask: Tensor | None
+    causal: bool
+    scale_s: float
+    scale_t: float
+
+    def common_args(self) -> list:
+        strides = []
+        for x in (self.q_s, self.k_s, self.q_t, self.k_t):
+            strides += [x.stride(0), x.stride(1), x.stride(2)]
+        return strides
+
+    def constexprs(self) -> dict:
+        ds, dt = self.q_s.shape[-1], self.q_t.shape[-1]
+        return dict(
+            DS=ds, DT=dt, BDS=_block_dim(ds), BDT=_block_dim(dt), CAUSAL=self.causal,
+            HAS_MASK=self.mask is not None,
+            PRECISION="ieee" if torch.float32 in (self.q_s.dtype, self.q_t.dtype) else "tf32",
+        )
+
+    def tiles(self, kind: str) -> Tiles:
+        widest = max(self.q_s.shape[-1], self.q_t.shape[-1])
+        dtype = torch.float32 if torch.float32 in (self.q_s.dtype, self.q_t.dtype) else self.q_s.dtype
+        return pick_tiles(kind, widest, dtype, self.q_s.device)
+
+    @property
+    def mask_arg(self) -> Tensor:
+        return self.mask if self.mask is not None else self.q_s  # never read when HAS_MASK is False
+
+
+def _block_dim(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))  # tl.dot needs a power of two, at least 16
+
+
+def _prepare(q_s, k_s, q_t, k_t, mask, causal, scale_s, scale_t) -> _Problem:
+    # The kernels index the head dim with unit stride; any other layout is fine.
+    q_s, k_s, q_t, k_t = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_s, k_s, q_t, k_t))
+    if mask is not None:
+        mask = mask.to(torch.int8).contiguous()
+    return _Problem(q_s, k_s, q_t, k_t, mask, causal, scale_s, scale_t)
+
+
+def kl_forward(p: _Problem, tiles: Tiles | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the forward kernel. Returns per-row KL and the base-2 log-sum-exps, each [B, Hq, T]."""
+    batch, heads, length, _ = p.q_s.shape
+    tiles = tiles or p.tiles("fwd")
+    kl = torch.empty(batch, heads, length, dtype=torch.float32, device=p.q_s.device)
+    lse_s, lse_t = torch.empty(2, batch, heads, length, dtype=torch.float32, device=p.q_s.device).unbind(0)
+    grid = (triton.cdiv(length, tiles.block_m), batch * heads)
+    _fwd_kernel[grid](
+        p.q_s, p.k_s, p.q_t, p.k_t, p.mask_arg, kl, lse_s, lse_t, *p.common_args(),
+        length, heads, heads // p.k_s.shape[1], heads // p.k_t.shape[1],
+        p.scale_s * LOG2E, p.scale_t * LOG2E,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **p.constexprs(),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return kl, lse_s, lse_t
+
+
+def kl_backward_dq(p: _Problem, lse_s: Tensor, lse_t: Tensor, grad: Tensor, tiles: Tiles | None = None) -> Tensor:
+    """Launch the dQ kernel: the gradient of Σ_rows grad_row · KL_row with respect to q_s."""
+    batch, heads, length, _ = p.q_s.shape
+    tiles = tiles or p.tiles("dq")
+    dq = torch.empty(p.q_s.shape, dtype=p.q_s.dtype, device=p.q_s.device)
+    grid = (triton.cdiv(length, tiles.block_m), batch * heads)
+    _dq_kernel[grid](
+        p.q_s, p.k_s, p.q_t, p.k_t, p.mask_arg, lse_s, lse_t, grad, dq, *p.common_args(),
+        length, heads, heads // p.k_s.shape[1], heads // p.k_t.shape[1],
+        p.scale_s * LOG2E, p.scale_t * LOG2E, p.scale_s,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **p.constexprs(),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return dq
+
+
+def kl_backward_dk(p: _Problem, lse_s: Tensor, lse_t: Tensor, grad: Tensor, tiles: Tiles | None = None) -> Tensor:
+    """Launch the dK kernel: the gradient of Σ_rows grad_row · KL_row with respect to k_s."""
+    batch, heads, length, _ = p.q_s.shape
+    kv_heads = p.k_s.shape[1]
+    tiles = tiles or p.tiles("dk")
+    dk = torch.empty(p.k_s.shape, dtype=p.k_s.dtype, device=p.k_s.device)
+    grid = (triton.cdiv(length, tiles.block_n), batch * kv_heads)
+    _dk_kernel[grid](
+        p.q_s, p.k_s, p.q_t, p.k_t, p.mask_arg, lse_s, lse_t, grad, dk, *p.common_args(),
+        length, heads, kv_heads, heads // kv_heads, heads // p.k_t.shape[1],
+        p.scale_s * LOG2E, p.scale_t * LOG2E, p.scale_s,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **p.constexprs(),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return dk
+
+
+class TritonAttentionKL(torch.autograd.Function):
+    """Per-row KL(P_t ‖ P_s) with gradients for q_s and k_s; see `attention_kl_triton`."""
+
+    @staticmethod
+    def forward(ctx, q_s, k_s, q_t, k_t, mask, causal, scale_s, scale_t):
+        p = _prepare(q_s, k_s, q_t, k_t, mask, causal, scale_s, scale_t)
+        kl, lse_s, lse_t = kl_forward(p)
+        ctx.save_for_backward(p.q_s, p.k_s, p.q_t, p.k_t, p.mask, lse_s, lse_t)
+        ctx.config = (causal, scale_s, scale_t)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        q_s, k_s, q_t, k_t, mask, lse_s, lse_t = ctx.saved_tensors
+        p = _Problem(q_s, k_s, q_t, k_t, mask, *ctx.config)
+        grad = grad_kl.float().contiguous()
+        dq = kl_backward_dq(p, lse_s, lse_t, grad) if ctx.needs_input_grad[0] else None
+        dk = kl_backward_dk(p, lse_s, lse_t, grad) if ctx.needs_input_grad[1] else None
+        return dq, dk, None, None, None, None, None, None
+
+
+def attention_kl_triton(
+    q_s: Tensor,
+    k_s: Tensor,
+    q_t: Tensor,
+    k_t: Tensor,
+    attention_mask: Tensor | None,
+    causal: bool,
+    scale_s: float,
+    scale_t: float,
+) -> Tensor:
+    """Per-row KL(P_t ‖ P_s) by the fused kernels; arguments as `linearard.ops.attention_kl` (validated).
+
+    Shape:
+        returns [B, Hq, T] float32; masked rows are exactly 0.
+    """
+    return TritonAttentionKL.apply(q_s, k_s, q_t, k_t, attention_mask, causal, scale_s, scale_t)
