@@ -83,7 +83,7 @@ def time_steps(ts: TeacherStudent, objective_name: str, length: int, steps: int)
         "tokens_per_s": round(length / ms * 1000, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
         "peak_extra_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 3),
-        "loss": float(loss),
+        "loss": float(loss.detach()),
     }
 
 

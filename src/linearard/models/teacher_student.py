@@ -45,6 +45,7 @@ class AttentionInputs:
 
 
 LayerCallback = Callable[[int, AttentionInputs], None]
+FROZEN = "frozen-long-context"
 
 _PREFIX = "linearard_capture:"
 # The callback travels as a forward keyword argument: gradient checkpointing stores a layer's kwargs
@@ -100,11 +101,12 @@ class StudentRope(nn.Module):
             getattr(self.rope, f"{prefix}inv_freq").copy_(inv_freq)
             getattr(self.rope, f"{prefix}original_inv_freq").copy_(inv_freq)
             setattr(self.rope, f"{prefix}attention_scaling", attention_scaling)
-            # A name transformers' run-time update does not recognise: the frequencies stay put.
+            # A name transformers' run-time update does not recognise (it tests `"dynamic" in name`):
+            # the frequencies stay put at every length.
             if per_type:
-                self.rope.rope_type[layer_type] = f"{kind}@{scaling.target_length}"
+                self.rope.rope_type[layer_type] = FROZEN
             else:
-                self.rope.rope_type = f"{kind}@{scaling.target_length}"
+                self.rope.rope_type = FROZEN
 
     def forward(self, *args, **kwargs):
         return self.rope(*args, **kwargs)

@@ -224,8 +224,11 @@ class _PerLayerStep(Step):
 
     def on_student_attention(self, layer: int, inputs: AttentionInputs) -> None:
         if layer in self.chosen:
-            # Overwrite, never accumulate: a recomputation under checkpointing calls this again.
-            self.per_layer[layer] = self.layer_kl(inputs, *self.teacher[layer])
+            kl = self.layer_kl(inputs, *self.teacher[layer])
+            # Gradient checkpointing recomputes the layer in backward and calls this again; that second
+            # value only regenerates the tensors the first one saved. Keeping it instead would keep every
+            # recomputed graph alive until backward ends, and adding it would count the layer twice.
+            self.per_layer.setdefault(layer, kl)
 
     def finish(self, teacher: HiddenStates, student: HiddenStates) -> tuple[torch.Tensor, Metrics]:
         missing = [i for i in self.layers if i not in self.per_layer]

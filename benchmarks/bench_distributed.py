@@ -1,0 +1,90 @@
+"""Tokens/s and peak memory per GPU of `linearard restore` on one GPU and under torchrun (ddp, fsdp).
+
+Every process runs the real restore loop (objective, optimizer, data, checkpointing off); afterwards
+each writes its own numbers, and ``--merge`` collects them into one JSON row per run.
+
+    python benchmarks/bench_distributed.py --model M --data D --strategy none --out R/single
+    torchrun --nproc_per_node 2 benchmarks/bench_distributed.py --model M --data D --strategy ddp --out R/ddp
+    python benchmarks/bench_distributed.py --merge R/single R/ddp --results benchmarks/results/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from linearard.config import build_config
+from linearard.training.loop import restore
+from linearard.training.metrics import read_metrics
+
+
+def run_one(args: argparse.Namespace) -> None:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    out = Path(args.out)
+    config = build_config(
+        flags=dict(
+            model=args.model, data=[args.data], seq_len=args.seq_len, rope_type="linear", rope_factor=4.0,
+            max_tokens=args.seq_len * world * args.steps, strategy=args.strategy, output=str(out / "run"),
+            gradient_checkpointing=args.gradient_checkpointing, save_every=0, export=False, eval=False,
+            warmup_steps=1, log_every=1,
+        )
+    )
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = restore(config, log=lambda _: None)
+    seconds = time.perf_counter() - start
+    record = {"rank": rank, "world_size": world, "strategy": args.strategy, "seq_len": args.seq_len,
+              "steps": result.steps, "tokens": result.tokens, "seconds": round(seconds, 2),
+              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "gradient_checkpointing": args.gradient_checkpointing}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def merge(folders: list[str], results: Path) -> None:
+    rows = []
+    for folder in folders:
+        ranks = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("rank*.json"))]
+        steps = [r for r in read_metrics(Path(folder) / "run") if "tokens_per_s" in r][2:]  # 2 warm-up steps
+        tokens_per_s = statistics.median(r["tokens_per_s"] for r in steps)
+        world = ranks[0]["world_size"]
+        rows.append({**{k: ranks[0][k] for k in ("strategy", "world_size", "seq_len", "gpu", "torch",
+                                                "gradient_checkpointing")},
+                     "tokens_per_s": round(tokens_per_s, 1),
+                     "tokens_per_s_per_gpu": round(tokens_per_s / world, 1),
+                     "peak_gib_per_gpu": [r["peak_gib"] for r in ranks],
+                     "timed_steps": len(steps)})
+        print(json.dumps(rows[-1]))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model")
+    parser.add_argument("--data")
+    parser.add_argument("--strategy", choices=("none", "ddp", "fsdp"), default="none")
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--out", help="folder for this run's per-rank numbers")
+    parser.add_argument("--merge", nargs="+", metavar="FOLDER", help="merge finished runs into --results")
+    parser.add_argument("--results", type=Path)
+    args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.results)
+    else:
+        run_one(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Batched log-likelihood scoring of token sequences with a causal LM.
+
+Two primitives serve every task:
+
+- :func:`loglikelihoods` scores continuations given contexts, the way lm-evaluation-harness does,
+  but computes a prefix shared by several requests (the question of a multiple-choice item) once: one
+  forward over the left-padded prefixes, its KV cache copied to each request's row, one forward over
+  the right-padded remainders.
+- :func:`token_nlls` returns the per-token negative log-likelihood of whole windows (perplexity),
+  optionally of their last tokens only.
+
+Tokens are plain ``list[int]``; :func:`encode_pair` turns text into them with the harness's rules.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Log-softmax over the vocabulary is done on at most this many positions at a time, in float32,
+# so a 32K-token window of a 49K-word vocabulary never needs a 6 GB temporary.
+_LOGPROB_CHUNK = 2048
+
+
+def supported_length(model) -> int:
+    """The longest sequence `model` is configured for (``max_position_embeddings``).
+
+    For a RoPE-scaled config this is the target length the scaling was made for.
+    """
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return int(config.max_position_embeddings)
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def forward(model, input_ids, attention_mask, position_ids=None, *, cache=None, use_cache=False,
+            logits_to_keep: int = 0):
+    """One forward pass; returns ``(logits, cache)``.
+
+    Hides that transformers renamed ``past_key_values`` to ``cache`` (5.2x) in both directions.
+    ``logits_to_keep=0`` keeps the logits of every position.
+    """
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    if logits_to_keep:
+        kwargs["logits_to_keep"] = logits_to_keep
+    if cache is not None:
+        kwargs[_cache_argument(type(model))] = cache
+    out = model(**kwargs)
+    new_cache = out.get("cache", out.get("past_key_values")) if use_cache else None
+    return out.logits, new_cache
+
+
+_CACHE_ARGUMENT: dict[type, str] = {}
+
+
+def _cache_argument(model_type: type) -> str:
+    if model_type not in _CACHE_ARGUMENT:
+        params = inspect.signature(model_type.forward).parameters
+        _CACHE_ARGUMENT[model_type] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_ARGUMENT[model_type]
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` without any special tokens."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """``[bos]`` if the tokenizer puts a BOS token in front of text by default, else ``[]``.
+
+    Models trained with a BOS token (Llama-2, Gemma) score much worse without it; models whose
+    tokenizer adds none (SmolLM2, Qwen) get none, as lm-evaluation-harness does.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
+def prefix_token(tokenizer) -> int:
+    """The token that stands in for an empty context: BOS if there is one, else EOS."""
+    tok = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tok is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start an empty context")
+    return int(tok)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation token ids, split the way lm-evaluation-harness splits them.
+
+    Trailing spaces of the context move to the continuation; the pair is encoded as one string and
+    the continuation is what follows the separately encoded context, so the continuation tokens are
+    those a model would see when reading the whole text. An empty context becomes the prefix token.
+
+    Example:
+        >>> ctx, cont = encode_pair(tok, "Question: 2+2?\\nAnswer:", " 4")
+    """
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    context = stripped
+    if not context:
+        return [prefix_token(tokenizer)], encode(tokenizer, continuation)
+    head = bos_prefix(tokenizer)
+    whole = head + encode(tokenizer, context + continuation)
+    ctx = head + encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+@dataclass(frozen=True)
+class Request:
+    """Score `continuation` given `context` (both non-empty token id lists)."""
+
+    context: Sequence[int]
+    continuation: Sequence[int]
+
+
+@dataclass(frozen=True)
+class Score:
+    """Sum of the continuation's token log-probabilities, and whether greedy decoding yields it."""
+
+    logprob: float
+    is_greedy: bool
+    n_tokens: int
+
+
+@dataclass
+class _Item:
+    index: int
+    seq: list[int]  # context + continuation, left-truncated to the model's length
+    ctx_len: int
+
+
+@torch.no_grad()
+def loglikelihoods(
+    model,
+    requests: Sequence[Request],
+    *,
+    batch_size: int = 16,
+    groups: Sequence[object] | None = None,
+    max_length: int | None = None,
+) -> list[Score]:
+    """Score every request; requests with the same group key share their common prefix.
+
+    Args:
+        model: a causal LM (transformers ``*ForCausalLM``), in eval mode.
+        requests: what to score. Contexts longer than `max_length` lose tokens from the left.
+        batch_size: the most sequences in one forward pass.
+        groups: one hashable key per request (e.g. the item id of a multiple-choice question); the
+            longest token prefix common to a group's sequences is computed once. Default: requests
+            with identical contexts form a group.
+        max_length: the longest input; default the model's supported length.
+
+    Returns:
+        One :class:`Score` per request, in order.
+
+    Example:
+        >>> scores = loglikelihoods(model, [Request(ctx, a), Request(ctx, b)], groups=[0, 0])
+    """
+    if groups is None:
+        groups = [tuple(r.context) for r in requests]
+    if len(groups) != len(requests):
+        raise ValueError(f"got {len(groups)} group keys for {len(requests)} requests")
+    max_length = max_length or supported_length(model)
+    by_group: dict[object, list[_Item]] = {}
+    for i, (req, key) in enumerate(zip(requests, groups)):
+        if not req.context or not req.continuation:
+            raise ValueError(f"request {i}: context and continuation must both be non-empty")
+        if len(req.continuation) > max_length:
+            raise ValueError(f"request {i}: continuation longer than the model's {max_length} tokens")
+        seq = (list(req.context) + list(req.continuation))[-(max_length + 1):]
+        by_group.setdefault(key, []).append(_Item(i, seq, len(seq) - len(req.continuation)))
+
+    shareable = []
+    for items in by_group.values():
+        if len(items) > 1 and _common_prefix(items) == 0:
+            shareable.extend([it] for it in items)  # nothing in common: score them one by one
+        else:
+            shareable.append(items)
+    # Longest prefixes first, so a batch holds similar lengths and little padding.
+    ordered = sorted(shareable, key=lambda items: -max(len(it.seq) for it in items))
+    results: list[Score | None] = [None] * len(requests)
+    batch: list[list[_Item]] = []
+    for items in ordered:
+        if batch and sum(len(g) for g in batch) + len(items) > batch_size:
+            _score_batch(model, batch, results)
+            batch = []
+        batch.append(items)
+    if batch:
+        _score_batch(model, batch, results)
+    return results  # type: ignore[return-value]
+
+
+def _shared_length(items: list[_Item]) -> int:
+    """Tokens of the group computed once: the common prefix, never past the shortest context.
+
+    A lone request is computed in one pass: everything but its last token.
+    """
+    if len(items) == 1:
+        return len(items[0].seq) - 1
+    return min(_common_prefix(items), min(it.ctx_len for it in items))
+
+
+def _common_prefix(items: list[_Item]) -> int:
+    first = items[0].seq
+    common = min(len(it.seq) for it in items)
+    for it in items[1:]:
+        n = 0
+        while n < common and it.seq[n] == first[n]:
+            n += 1
+        common = n
+    return common
+
+
+def _score_batch(model, groups: list[list[_Item]], results: list[Score | None]) -> None:
+    device = model_device(model)
+    shared = [_shared_length(items) for items in groups]
+    # Prefix logits needed from the position before the earliest continuation token onwards.
+    keep = [p - min(it.ctx_len for it in items) + 1 for p, items in zip(shared, groups)]
+    width = max(shared)
+    ids = torch.zeros(len(groups), width, dtype=torch.long)
+    mask = torch.zeros(len(groups), width, dtype=torch.long)
+    for r, (p, items) in enumerate(zip(shared, groups)):
+        ids[r, width - p:] = torch.tensor(items[0].seq[:p])
+        mask[r, width - p:] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    n_keep = max(keep)
+    # Requests with tokens left after the shared prefix continue from a copy of the prefix cache.
+    rows = [(g, it) for g, items in enumerate(groups) for it in items if len(it.seq) - 1 > shared[g]]
+    # prefix_logits: [G, n_keep, V]; its last column is position p - 1 of every row
+    prefix_logits, cache = forward(model, ids, mask, positions, use_cache=bool(rows), logits_to_keep=n_keep)
+    suffix_logits = None
+    if rows:
+        tail = max(len(it.seq) - 1 - shared[g] for g, it in rows)
+        s_ids = torch.zeros(len(rows), tail, dtype=torch.long)
+        s_mask = torch.zeros(len(rows), tail, dtype=torch.long)
+        for r, (g, it) in enumerate(rows):
+            part = it.seq[shared[g]:-1]
+            s_ids[r, :len(part)] = torch.tensor(part)
+            s_mask[r, :len(part)] = 1
+        select = torch.tensor([g for g, _ in rows], device=device)
+        cache.reorder_cache(select)
+        start = torch.tensor([shared[g] for g, _ in rows], device=device)
+        s_pos = start[:, None] + torch.arange(tail, device=device)[None, :]
+        full_mask = torch.cat([mask.index_select(0, select), s_mask.to(device)], dim=1)
+        suffix_logits, _ = forward(model, s_ids.to(device), full_mask, s_pos, cache=cache, use_cache=True)
+    row_of = {id(it): r for r, (_, it) in enumerate(rows)}
+
+    for g, items in enumerate(groups):
+        p = shared[g]
+        for it in items:
+            # logits at position q predict token q + 1; continuation tokens sit at ctx_len..len-1
+            targets = it.seq[it.ctx_len:]
+            vectors = []
+            for q in range(it.ctx_len - 1, len(it.seq) - 1):
+                if q < p:
+                    vectors.append(prefix_logits[g, n_keep - p + q])
+                else:
+                    vectors.append(suffix_logits[row_of[id(it)], q - p])
+            logp = torch.log_softmax(torch.stack(vectors).float(), dim=-1)
+            tgt = torch.tensor(targets, device=logp.device)
+            token_lp = logp.gather(-1, tgt[:, None]).squeeze(-1)
+            greedy = bool((logp.argmax(-1) == tgt).all())
+            results[it.index] = Score(float(token_lp.sum()), greedy, len(targets))
+
+
+@torch.no_grad()
+def token_nlls(
+    model,
+    windows: Sequence[Sequence[int]],
+    *,
+    last: int | None = None,
+    batch_size: int = 4,
+) -> list[torch.Tensor]:
+    """Per-token negative log-likelihoods of each window (float32, on the CPU).
+
+    Args:
+        model: a causal LM.
+        windows: token id sequences, each at least 2 tokens and at most the model's length.
+        last: score only the last `last` tokens of each window (default: every token after the first).
+        batch_size: windows per forward pass (windows are right-padded to the batch's longest).
+
+    Shape:
+        result[i]: ``[len(windows[i]) - 1]``, or ``[min(last, len(windows[i]) - 1)]``.
+    """
+    device = model_device(model)
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
+    results: list[torch.Tensor | None] = [None] * len(windows)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = len(windows[idx[0]])
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        mask = torch.zeros(len(idx), width, dtype=torch.long)
+        for r, i in enumerate(idx):
+            if len(windows[i]) < 2:
+                raise ValueError(f"window {i} has fewer than 2 tokens")
+            ids[r, :len(windows[i])] = torch.tensor(list(windows[i]))
+            mask[r, :len(windows[i])] = 1
+        firsts = [1 if last is None else max(1, len(windows[i]) - last) for i in idx]
+        # Logits are kept from the earliest position any row needs (position q predicts token q+1).
+        offset = min(firsts) - 1
+        logits, _ = forward(model, ids.to(device), mask.to(device), logits_to_keep=width - offset)
+        for r, i in enumerate(idx):
+            n, first = len(windows[i]), firsts[r]
+            targets = ids[r, first:n].to(logits.device)
+            nll = []
+            for c in range(first, n, _LOGPROB_CHUNK):
+                hi = min(n, c + _LOGPROB_CHUNK)
+                logp = torch.log_softmax(logits[r, c - 1 - offset:hi - 1 - offset].float(), dim=-1)
+                nll.append(-logp.gather(-1, targets[c - first:hi - first, None]).squeeze(-1))
+            results[i] = torch.cat(nll).cpu()
+        del logits
+    return results  # type: ignore[return-value]

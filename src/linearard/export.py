@@ -1,0 +1,216 @@
+"""`linearard export`: fold a restore checkpoint's adapters into a model that plain transformers loads.
+
+The output folder holds the merged model (safetensors, in the base model's dtype; the merge itself
+is done in fp32), its config with the student's RoPE scaling and ``max_position_embeddings`` = the
+target length, written in both config dialects (transformers 5 ``rope_parameters``; 4.x
+``rope_scaling`` + top-level ``rope_theta``), the tokenizer, and the adapters alone in ``adapter/``
+(a peft adapter folder for LoRA, ``adapters.safetensors`` otherwise, and the run's ``config.yaml``).
+
+RoPE types whose frequencies transformers recomputes from the input length are written in a static
+form that gives the frequencies the student was trained with, at every length:
+
+- dynamic NTK -> the plain RoPE base that dynamic NTK computes at the target length;
+- LongRoPE -> the long factors for short inputs too (``short_factor = long_factor``).
+
+Example:
+    >>> export_checkpoint("runs/smol/checkpoints/step-00000150", "runs/smol/model")  # doctest: +SKIP
+    >>> AutoModelForCausalLM.from_pretrained("runs/smol/model")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from linearard.errors import UserError
+from linearard.models.adapters import adapter_state_dict, merge_adapters
+from linearard.models.rope import SCALED_LAYER_TYPE, RopeScaling, legacy_rope_fields, scaled_config
+
+ADAPTER_DIR = "adapter"
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    scaling: RopeScaling,
+    output: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    config: Any = None,
+) -> Path:
+    """Write `model` (with adapters) as a merged, RoPE-scaled transformers model into `output`.
+
+    The adapters are merged into `model` itself (in fp32), so use it no further afterwards. The
+    folder is assembled beside `output` and renamed into place; an existing `output` is replaced.
+
+    Args:
+        model: the restored model, adapters on (a peft LoRA model or one with dense deltas).
+        tokenizer: saved beside the weights.
+        scaling: the student's RoPE scaling.
+        output: the folder to create.
+        dtype: dtype of the saved weights (default: the model's current dtype).
+        config: the run's `RestoreConfig`, saved as ``adapter/config.yaml`` when given.
+
+    Returns:
+        `output` as a Path.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        _write_adapters(model, tmp / ADAPTER_DIR, config)
+        merged = merge_adapters(model)
+        base_config = merged.config
+        merged.config = exported_config(base_config, scaling)
+        if dtype is not None:
+            merged.to(dtype)
+        merged.config.dtype = dtype or next(merged.parameters()).dtype
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _add_legacy_rope(tmp / "config.json", merged.config)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def exported_config(config: Any, scaling: RopeScaling) -> Any:
+    """A copy of the native `config` set up for the scaled student, in a form plain transformers
+    reproduces exactly at every length (see the module docstring)."""
+    new = scaled_config(config, scaling)
+    params = copy.deepcopy(new.rope_parameters)
+    per_type = all(isinstance(v, dict) for v in params.values())
+    entry = params[SCALED_LAYER_TYPE] if per_type else params
+    if entry.get("rope_type") == "dynamic":
+        dim = _rotary_dim(new, entry)
+        factor = entry["factor"]
+        # The base dynamic NTK uses at the target length (same expression as transformers').
+        base = entry["rope_theta"] * (
+            (factor * scaling.target_length / new.max_position_embeddings) - (factor - 1)
+        ) ** (dim / (dim - 2))
+        entry = {k: v for k, v in entry.items() if k in ("partial_rotary_factor",)}
+        entry.update(rope_type="default", rope_theta=base)
+    elif entry.get("rope_type") == "longrope":
+        entry = dict(entry, short_factor=list(entry["long_factor"]))
+    if per_type:
+        params[SCALED_LAYER_TYPE] = entry
+    else:
+        params = entry
+    new.rope_parameters = params
+    new.max_position_embeddings = scaling.target_length
+    return new
+
+
+def check_exportable(config: Any, scaling: RopeScaling) -> None:
+    """Raise `UserError` when the architecture's config cannot hold this RoPE scaling (e.g. Phi-3
+    accepts only LongRoPE), so that a run fails before training rather than at export."""
+    candidate = exported_config(config, scaling)
+    validate = getattr(candidate, "validate", None)
+    if validate is None:
+        return
+    try:
+        validate()
+    except Exception as err:  # transformers' strict-dataclass validation error wraps the ValueError
+        cause = str(err).strip().splitlines()[-1].strip()
+        raise UserError(
+            f"{type(config).__name__} cannot hold a {scaling.rope_type} RoPE scaling ({cause}); "
+            "choose another --rope-type"
+        ) from None
+
+
+def export_checkpoint(
+    checkpoint: str | Path, output: str | Path, *, model: str | None = None, dtype: torch.dtype | None = None
+) -> Path:
+    """Rebuild a run's model from a checkpoint folder (or a run folder: its newest checkpoint) and export it.
+
+    Args:
+        checkpoint: ``OUTPUT/checkpoints/step-N`` or the run's OUTPUT folder.
+        output: the folder to create.
+        model: the base model, when it moved since the run (default: the run's ``--model``).
+        dtype: dtype of the saved weights (default: the dtype the base model declares).
+    """
+    from linearard.config import build_config
+    from linearard.models.adapters import add_adapters, load_adapter_state_dict
+    from linearard.models.load import load_model
+    from linearard.training.checkpoint import latest_checkpoint, read_adapters
+    from linearard.training.plan import read_model_meta, resolve_scaling
+
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        raise UserError(f"checkpoint {str(folder)!r} not found")
+    if not (folder / "adapters.safetensors").exists():
+        newest = latest_checkpoint(folder)
+        if newest is None:
+            raise UserError(f"{folder} is neither a checkpoint nor a run folder with checkpoints")
+        folder = newest
+    config = build_config(yaml_source=folder / "config.yaml")
+    if model is not None:
+        config.model = model
+    base, tokenizer = load_model(config.model, device="cpu", dtype=torch.float32)
+    scaling = resolve_scaling(config, base.config)
+    base = add_adapters(base, config.adapter, rank=config.lora_rank, alpha=config.lora_alpha, dropout=0.0)
+    load_adapter_state_dict(base, {k: v.float() for k, v in read_adapters(folder).items()})
+    if dtype is None:
+        dtype = read_model_meta(config.model)[2]
+    return export_model(base, tokenizer, scaling, output, dtype=dtype, config=config)
+
+
+def _write_adapters(model: torch.nn.Module, folder: Path, config: Any) -> None:
+    folder.mkdir(parents=True)
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors
+    else:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+        save_file(tensors, folder / "adapters.safetensors")
+    if config is not None:
+        (folder / "config.yaml").write_text(config.to_yaml())
+
+
+def _add_legacy_rope(path: Path, config: Any) -> None:
+    """Add the 4.x spelling (``rope_theta`` + ``rope_scaling``) beside transformers 5's ``rope_parameters``."""
+    data = json.loads(path.read_text())
+    for key, value in legacy_rope_fields(config).items():
+        data.setdefault(key, value)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _rotary_dim(config: Any, params: dict[str, Any]) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(head_dim * params.get("partial_rotary_factor", 1.0))
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", required=True, metavar="DIR",
+        help="a checkpoint folder (OUTPUT/checkpoints/step-N) or a restore run's OUTPUT folder (newest checkpoint)",
+    )
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the merged model")
+    parser.add_argument(
+        "--model", metavar="PATH_OR_NAME", help="the base model, if it moved since the run (default: the run's)"
+    )
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="auto",
+        help="dtype of the saved weights (auto = the dtype the base model declares)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    target = export_checkpoint(args.checkpoint, args.output, model=args.model, dtype=DTYPES[args.dtype])
+    print(f"exported {target} (adapters in {target / ADAPTER_DIR})")
+    return 0

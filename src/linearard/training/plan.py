@@ -1,0 +1,330 @@
+"""The resolved plan of a restore run: model shape, RoPE native -> target, data, stages, and an
+estimate of peak memory. `--dry-run` prints it; a real run prints it before training.
+
+The memory estimate is arithmetic on the model's shape, not a measurement. Per process it adds:
+
+- frozen weights (sharded over processes under FSDP, plus two gathered layers);
+- trainable adapters with their gradients and AdamW moments (fp32: 16 bytes per parameter);
+- the student forward's saved activations for one micro-batch: per layer and token about
+  ``6·hidden + 3·(q + 2·kv widths) + 4·intermediate`` values without gradient checkpointing (sdpa-style
+  attention, no T×T map), or one layer input per layer plus one recomputed layer with it;
+- for relation/attention distillation, the teacher's captured Q/K/V of every distilled layer, kept until
+  the backward pass (checkpointing recomputes the student layers, which need them again);
+- for next-token objectives, one chunk of fp32 logits (the objectives apply the LM head in chunks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from linearard.config import RestoreConfig
+from linearard.errors import UserError
+from linearard.models.rope import RopeScaling
+
+DEMO_ROPE = ("linear", 4.0)
+# Objectives that capture the teacher's Q/K/V for every distilled layer.
+_CAPTURING = ("ard", "attention")
+_LOGITS = ("cpt", "logits")
+_LOGIT_CHUNK = 1024  # positions per LM-head chunk in linearard.objectives.language
+
+
+@dataclass
+class Stage:
+    """One training stage: an objective on blocks of one length for a number of optimizer steps."""
+
+    name: str
+    objective: str
+    seq_len: int
+    steps: int
+    tokens_per_step: int
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+
+@dataclass
+class ModelShape:
+    """What the plan needs to know about the model (read from its config and parameters)."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    parameters: int
+    trainable: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, config: Any) -> ModelShape:
+        heads = config.num_attention_heads
+        params = list(model.parameters())
+        base = next((p for p in params if not p.requires_grad), params[0])
+        return cls(
+            architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            intermediate_size=getattr(config, "intermediate_size", 4 * config.hidden_size),
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            vocab_size=config.vocab_size,
+            parameters=sum(p.numel() for p in params if not p.requires_grad),
+            trainable=sum(p.numel() for p in params if p.requires_grad),
+            dtype=base.dtype,
+        )
+
+
+@dataclass
+class MemoryEstimate:
+    """Estimated bytes per process, by part; ``peak`` is their sum for the heaviest stage."""
+
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        return sum(self.parts.values())
+
+
+@dataclass
+class Plan:
+    """Everything a run will do, resolved against the model and the data."""
+
+    config: RestoreConfig
+    model: ModelShape
+    scaling: RopeScaling
+    data_files: list[Path]
+    corpus_tokens: int | None
+    stages: list[Stage]
+    world_size: int
+    device: str
+    bf16: bool
+    memory: MemoryEstimate
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(s.tokens for s in self.stages)
+
+    def describe(self) -> str:
+        """The plan as the human-readable block `--dry-run` prints."""
+        c, m, s = self.config, self.model, self.scaling
+        lines = [
+            "linearard restore plan",
+            f"  model      {c.model}: {m.architecture}, {m.num_layers} layers, hidden {m.hidden_size}, "
+            f"{m.num_heads} query / {m.num_kv_heads} KV heads of {m.head_dim}, {_count(m.parameters)} parameters "
+            f"({str(m.dtype).removeprefix('torch.')})",
+            f"  rope       {s.describe()}",
+            f"  adapters   {_adapter_text(c)}: {_count(m.trainable)} trainable parameters",
+            f"  data       {len(self.data_files)} file(s), "
+            + (f"~{_count(self.corpus_tokens)} tokens" if self.corpus_tokens is not None else "size unknown")
+            + ("" if c.data else " (built-in public-domain corpus)"),
+            f"  processes  {self.world_size} ({c.strategy}) on {self.device}, "
+            f"{'bf16 autocast' if self.bf16 else 'fp32'}"
+            + (", gradient checkpointing" if c.gradient_checkpointing else ""),
+            f"  optimizer  AdamW lr {c.lr:g}, {c.warmup_steps} warm-up steps, cosine to x{c.min_lr_ratio:g}, "
+            f"weight decay {c.weight_decay:g}, clip {c.clip:g}",
+            "  stages",
+        ]
+        for i, st in enumerate(self.stages, 1):
+            lines.append(
+                f"    {i}. {st.name:<8} {st.objective:<10} blocks of {st.seq_len} tokens, {st.steps} steps x "
+                f"{st.tokens_per_step} tokens = {_count(st.tokens)} tokens"
+            )
+        budget = f"  tokens     {_count(self.total_tokens)} in all (budget {_count(c.max_tokens)})"
+        if self.corpus_tokens:
+            budget += f", {self.stages[0].tokens / self.corpus_tokens:.2f} passes over the corpus"
+        lines.append(budget)
+        lines.append(f"  memory     ~{_bytes(self.memory.peak)} peak per process (estimate):")
+        lines.extend(f"    {name:<34} {_bytes(size)}" for name, size in self.memory.parts.items())
+        lines.append(f"  output     {c.output}")
+        return "\n".join(lines)
+
+
+def resolve_scaling(config: RestoreConfig, model_config: Any) -> RopeScaling:
+    """The student's RoPE: as given, or linear x4 (the demo) when no RoPE option is set at all."""
+    rope_type, factor, target = config.rope_type, config.rope_factor, config.target_length
+    if rope_type is None and factor is None and target is None:
+        rope_type, factor = DEMO_ROPE
+    elif factor is None and target is None:
+        factor = DEMO_ROPE[1]
+    return RopeScaling.resolve(model_config, rope_type, factor, target)
+
+
+def plan_stages(config: RestoreConfig, scaling: RopeScaling, world_size: int) -> list[Stage]:
+    """Split the token budget into the restore stage and the optional next-token stage.
+
+    Raises:
+        UserError: a block length above the student's length, or a budget too small for one step.
+    """
+    _check_length("--seq-len", config.seq_len, scaling)
+    per_block = config.batch_size * config.grad_accum * world_size
+    stages = [_stage("restore", config.objective, config.seq_len, config.max_tokens - config.cpt_tokens, per_block)]
+    if config.cpt_tokens:
+        cpt_len = config.cpt_seq_len or scaling.target_length
+        _check_length("--cpt-seq-len", cpt_len, scaling)
+        stages.append(_stage("cpt", "cpt", cpt_len, config.cpt_tokens, per_block))
+    return stages
+
+
+def _stage(name: str, objective: str, seq_len: int, budget: int, blocks_per_step: int) -> Stage:
+    per_step = seq_len * blocks_per_step
+    steps = budget // per_step
+    if steps < 1:
+        raise UserError(
+            f"the {name} stage's budget of {budget} tokens is less than one optimizer step "
+            f"({per_step} tokens = block length x batch size x grad accumulation x processes)"
+        )
+    return Stage(name, objective, seq_len, steps, per_step)
+
+
+def _check_length(flag: str, length: int, scaling: RopeScaling) -> None:
+    if length > scaling.target_length:
+        raise UserError(
+            f"{flag} {length} is above the student's context length {scaling.target_length}"
+        )
+
+
+def estimate_memory(
+    config: RestoreConfig, shape: ModelShape, stages: list[Stage], *, world_size: int, bf16: bool
+) -> MemoryEstimate:
+    """Peak bytes per process (see the module docstring for what is counted)."""
+    fsdp = config.strategy == "fsdp"
+    shards = world_size if fsdp else 1
+    weight_bytes = shape.dtype.itemsize if shape.dtype.is_floating_point else 2
+    act = 2 if bf16 else 4
+    parts = {"frozen weights": shape.parameters * weight_bytes // shards}
+    if fsdp and world_size > 1:
+        parts["gathered layers (FSDP)"] = 2 * shape.parameters // max(shape.num_layers, 1) * weight_bytes
+    parts["adapters + grads + AdamW"] = shape.trainable * 16 // shards
+
+    q = shape.num_heads * shape.head_dim
+    kv = shape.num_kv_heads * shape.head_dim
+    per_layer_token = 6 * shape.hidden_size + 3 * (q + 2 * kv) + 4 * shape.intermediate_size
+    worst: dict[str, int] = {}
+    for stage in stages:
+        tokens = config.batch_size * stage.seq_len
+        layers = _distilled_layers(config, shape) if stage.objective.split("+")[0] in _CAPTURING else 0
+        if config.gradient_checkpointing:
+            activations = tokens * act * (shape.num_layers * shape.hidden_size + per_layer_token)
+        else:
+            activations = tokens * act * shape.num_layers * per_layer_token
+        stage_parts = {f"activations ({stage.name})": activations}
+        captures = [n for n in stage.objective.split("+") if n in _CAPTURING]
+        if captures:
+            stage_parts["teacher Q/K/V (distilled layers)"] = tokens * act * layers * (q + 2 * kv)
+        if any(n in _LOGITS for n in stage.objective.split("+")):
+            stage_parts["logits chunk (fp32)"] = 3 * min(_LOGIT_CHUNK, tokens) * shape.vocab_size * 4
+        if sum(stage_parts.values()) > sum(worst.values()):
+            worst = stage_parts
+    parts.update(worst)
+    return MemoryEstimate(parts)
+
+
+def _distilled_layers(config: RestoreConfig, shape: ModelShape) -> int:
+    from linearard.objectives import select_layers
+
+    return len(select_layers(config.layers, shape.num_layers))
+
+
+def read_model_meta(spec: str) -> tuple[Any, Any, torch.dtype]:
+    """``(config, tokenizer, dtype)`` of a model without loading its weights (for `--dry-run`).
+
+    ``dtype`` is the dtype the checkpoint declares (float32 when it declares none).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from linearard.models.load import resolve_path, split_spec
+
+    base, suffix = split_spec(spec)
+    if suffix is not None:
+        raise UserError(f"give the native model to restore, without a RoPE suffix (got {spec!r})")
+    path = resolve_path(base)
+    try:
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise UserError(f"{path} is a file but not a .gguf model; give a model folder or a GGUF file")
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            return config, tokenizer, torch.float32
+        if not (path / "config.json").exists():
+            raise UserError(f"{path} is not a transformers model folder (no config.json)")
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        declared = json.loads((path / "config.json").read_text())
+    except (ValueError, KeyError, OSError) as err:
+        raise UserError(f"cannot read the model {spec!r}: {err}") from None
+    name = declared.get("dtype") or declared.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), torch.float32)
+    return config, tokenizer, dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def dry_run_plan(config: RestoreConfig) -> Plan:
+    """The plan of `config` without loading any weights: the model is built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    from linearard.data import corpus_files, default_corpus_files, estimate_corpus_tokens
+    from linearard.export import check_exportable
+    from linearard.models.adapters import add_adapters
+
+    model_config, tokenizer, dtype = read_model_meta(config.model)
+    if not getattr(model_config, "rope_parameters", None):
+        raise UserError(f"{type(model_config).__name__} models have no RoPE to scale; unsupported architecture")
+    scaling = resolve_scaling(config, model_config)
+    check_exportable(model_config, scaling)
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if config.strategy != "none" else 1
+    stages = plan_stages(config, scaling, world_size)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+        model = add_adapters(
+            model, config.adapter, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout
+        )
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
+    shape = ModelShape.of(model, model_config)
+    shape.dtype = torch.bfloat16 if bf16 else torch.float32  # what a run loads the weights as
+    files = corpus_files(config.data) if config.data else default_corpus_files()
+    return Plan(
+        config=config,
+        model=shape,
+        scaling=scaling,
+        data_files=files,
+        corpus_tokens=estimate_corpus_tokens(files, tokenizer),
+        stages=stages,
+        world_size=world_size,
+        device="cuda" if cuda else "cpu",
+        bf16=bf16,
+        memory=estimate_memory(config, shape, stages, world_size=world_size, bf16=bf16),
+    )
+
+
+def _adapter_text(c: RestoreConfig) -> str:
+    if c.adapter == "lora":
+        return f"LoRA r{c.lora_rank} alpha {c.lora_alpha:g} on q/k/v"
+    return {"dense": "dense q/k/v deltas", "full": "dense deltas on every decoder linear layer"}[c.adapter]
+
+
+def _count(n: int | float | None) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
+
+
+def _bytes(n: int) -> str:
+    if n <= 0:
+        return "0 B"
+    unit = min(int(math.log(n, 1024)), 4)
+    return f"{n / 1024**unit:.3g} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][unit]}"

@@ -1,0 +1,125 @@
+"""Batched log-likelihood scoring and KV-cached greedy decoding against plain one-sequence forwards."""
+
+import random
+
+import pytest
+import torch
+
+from linearard.evaluation.generation import greedy_generate
+from linearard.evaluation.scoring import Request, encode, encode_pair, loglikelihoods, prefix_token, token_nlls
+from tiny import byte_tokenizer, tiny_model
+
+
+def naive_logprobs(model, context, continuation):
+    """Per-token log-probabilities of `continuation` after `context`, one unpadded forward."""
+    ids = torch.tensor([list(context) + list(continuation)])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    pos = torch.arange(len(context) - 1, len(context) + len(continuation) - 1)
+    tgt = torch.tensor(list(continuation))
+    return logp[pos].gather(-1, tgt[:, None]).squeeze(-1), bool((logp[pos].argmax(-1) == tgt).all())
+
+
+def random_requests(rng, n_groups=6):
+    requests, groups = [], []
+    for g in range(n_groups):
+        ctx = [rng.randrange(256) for _ in range(rng.randrange(1, 25))]
+        for _ in range(rng.choice([1, 2, 4])):
+            if g % 2:  # Winogrande-like: contexts differ in their last tokens
+                keep = rng.randrange(1, len(ctx) + 1)
+                context = ctx[:keep] + [rng.randrange(256) for _ in range(rng.randrange(0, 4))]
+            else:
+                context = ctx
+            cont = [rng.randrange(256) for _ in range(rng.randrange(1, 6))]
+            requests.append(Request(context, cont))
+            groups.append(g)
+    return requests, groups
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "phi3"])
+def test_loglikelihoods_match_unbatched_forward(family):
+    model = tiny_model(family)
+    requests, groups = random_requests(random.Random(1))
+    scores = loglikelihoods(model, requests, groups=groups, batch_size=5)
+    for req, score in zip(requests, scores):
+        lp, greedy = naive_logprobs(model, req.context, req.continuation)
+        assert score.logprob == pytest.approx(float(lp.sum()), abs=1e-4)
+        assert score.is_greedy == greedy
+        assert score.n_tokens == len(req.continuation)
+
+
+def test_group_without_a_common_prefix():
+    """Winogrande items with the blank first: the choices' contexts share no token."""
+    model = tiny_model("llama")
+    requests = [Request([10, 11, 12], [40, 41]), Request([20, 11, 12], [40, 41]), Request([30], [40])]
+    scores = loglikelihoods(model, requests, groups=[0, 0, 0])
+    for req, score in zip(requests, scores):
+        lp, _ = naive_logprobs(model, req.context, req.continuation)
+        assert score.logprob == pytest.approx(float(lp.sum()), abs=1e-4)
+
+
+def test_greedy_flag_true_for_the_argmax_continuation():
+    model = tiny_model("llama")
+    context = [5, 17, 99, 3]
+    [cont] = greedy_generate(model, [context], max_new_tokens=3)
+    wrong = [(cont[0] + 1) % 256, *cont[1:]]
+    right_score, wrong_score = loglikelihoods(model, [Request(context, cont), Request(context, wrong)])
+    assert right_score.is_greedy and not wrong_score.is_greedy
+    assert right_score.logprob > wrong_score.logprob
+
+
+def test_long_context_is_truncated_from_the_left():
+    model = tiny_model("llama")
+    rng = random.Random(0)
+    context = [rng.randrange(256) for _ in range(40)]
+    cont = [rng.randrange(256) for _ in range(3)]
+    [score] = loglikelihoods(model, [Request(context, cont)], max_length=20)
+    lp, _ = naive_logprobs(model, context[-(21 - len(cont)):], cont)
+    assert score.logprob == pytest.approx(float(lp.sum()), abs=1e-4)
+
+
+def test_token_nlls_whole_windows_and_last_tokens():
+    model = tiny_model("qwen2")
+    rng = random.Random(2)
+    windows = [[rng.randrange(256) for _ in range(n)] for n in (12, 30, 30, 5)]
+    full = token_nlls(model, windows, batch_size=3)
+    tail = token_nlls(model, windows, last=4, batch_size=3)
+    for w, f, t in zip(windows, full, tail):
+        lp, _ = naive_logprobs(model, w[:1], w[1:])
+        torch.testing.assert_close(f, -lp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(t, f[-4:], atol=1e-5, rtol=0)
+
+
+def test_encode_pair_follows_the_harness_split():
+    tok = byte_tokenizer()
+    ctx, cont = encode_pair(tok, "Question: why? ", "Answer")
+    assert ctx == encode(tok, "Question: why?")
+    assert cont == encode(tok, " Answer")  # the trailing space moved to the continuation
+    ctx, cont = encode_pair(tok, "", "hello")
+    assert ctx == [prefix_token(tok)] and cont == encode(tok, "hello")
+    ctx, cont = encode_pair(tok, "  ", "hello")
+    assert ctx == [prefix_token(tok)] and cont == encode(tok, "  hello")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_batched_greedy_generation_equals_uncached_decoding(family):
+    model = tiny_model(family)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(256) for _ in range(rng.randrange(1, 20))] for _ in range(4)]
+    batched = greedy_generate(model, prompts, max_new_tokens=5, batch_size=4)
+    for prompt, out in zip(prompts, batched):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(5):
+                seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+        assert out == seq[len(prompt):]
+
+
+def test_generation_stops_at_stop_tokens_and_stop_fn():
+    model = tiny_model("llama")
+    prompt = [1, 2, 3, 4]
+    [free] = greedy_generate(model, [prompt], max_new_tokens=6)
+    [stopped] = greedy_generate(model, [prompt], max_new_tokens=6, stop_ids=[free[2]])
+    assert stopped == free[:free.index(free[2])]
+    [cut] = greedy_generate(model, [prompt], max_new_tokens=6, stop_fn=lambda toks: len(toks) == 2)
+    assert cut == free[:2]

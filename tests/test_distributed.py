@@ -1,0 +1,117 @@
+"""`torchrun --nproc_per_node 2 -m linearard restore --strategy ddp|fsdp` on CPU (gloo) against one process.
+
+Two processes with one block each per step see the same global batch as one process accumulating two
+blocks (the corpus is dealt to the ranks round-robin, and not shuffled here), so after the same
+optimizer steps the adapters must agree within float tolerance.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from linearard.config import build_config
+from linearard.errors import UserError
+from linearard.training.checkpoint import latest_checkpoint, read_checkpoint
+from linearard.training.loop import restore
+from linearard.training.metrics import read_metrics
+from tiny import byte_tokenizer, tiny_model
+
+pytestmark = pytest.mark.distributed
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "kings", "sing",
+         "of", "old", "river", "towns"]
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    tiny_model("qwen3").save_pretrained(root / "model")
+    byte_tokenizer().save_pretrained(root / "model")
+    rng = random.Random(0)
+    (root / "data").mkdir()
+    for i in range(3):
+        (root / "data" / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(120)))
+    flags = dict(
+        model=str(root / "model"), data=[str(root / "data")], seq_len=64, lora_rank=4, lora_alpha=8,
+        warmup_steps=1, lr=1e-2, rope_type="yarn", rope_factor=4.0, shuffle_buffer=0, save_every=2,
+        eval_tokens=64,
+    )
+    single = build_config(flags={**flags, "grad_accum": 2, "max_tokens": 64 * 2 * STEPS, "output": str(root / "one"),
+                                 "eval": False, "export": False})
+    restore(single, log=lambda _: None)
+    return root, flags, single
+
+
+def _torchrun(args, timeout=120):
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "linearard", "restore", *args]
+    # its own session, so that a hung run's workers can be ended with it
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _flag_args(flags):
+    out = []
+    for key, value in flags.items():
+        out.append("--" + key.replace("_", "-"))
+        out.extend(value if isinstance(value, list) else [str(value)])
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(setup, strategy):
+    root, flags, single = setup
+    output = root / strategy
+    done = _torchrun([*_flag_args({**flags, "max_tokens": 64 * 2 * STEPS, "output": str(output)}),
+                      "--strategy", strategy])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: 4 steps, 512 tokens") == 1  # only the main process reports
+
+    losses = [r["loss"] for r in read_metrics(output)]
+    assert len(losses) == STEPS and losses[-1] < losses[0]
+    reference = [r["loss"] for r in read_metrics(single.output)]
+    assert losses == pytest.approx(reference, rel=1e-4)
+
+    mine = load_file(latest_checkpoint(output) / "adapters.safetensors")
+    theirs = load_file(latest_checkpoint(single.output) / "adapters.safetensors")
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        torch.testing.assert_close(mine[name], theirs[name], atol=1e-5, rtol=1e-4)
+    # the trained adapters really moved away from their initial values
+    assert any(name.endswith("lora_B.default.weight") and mine[name].abs().max() > 0 for name in mine)
+
+    # checkpoints remember both processes' data positions, so only a 2-process run may resume them
+    state = read_checkpoint(latest_checkpoint(output), rank=1, world_size=2)
+    assert state.rank_state["data"]["config"]["rank"] == 1
+    assert "held-out perplexity" in done.stdout
+    exported = AutoModelForCausalLM.from_pretrained(output / "model")
+    assert exported.config.max_position_embeddings == 1024
+
+
+def test_resume_needs_the_same_world_size(setup):
+    root, flags, _ = setup
+    output = root / "ddp"
+    if latest_checkpoint(output) is None:
+        pytest.skip("needs the checkpoints of the 2-process DDP run above")
+    cfg = build_config(flags={**flags, "max_tokens": 64 * 2 * STEPS, "output": str(output), "resume": True})
+    with pytest.raises(UserError, match=r"written by 2 process\(es\) but this run has 1.*--nproc_per_node 2"):
+        restore(cfg, log=lambda _: None)

@@ -1,0 +1,140 @@
+"""Export: the merged model reloads with plain transformers and reproduces the in-memory student."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from linearard.errors import UserError
+from linearard.export import check_exportable, export_model, exported_config
+from linearard.models.adapters import add_adapters, trainable_parameters
+from linearard.models.rope import RopeScaling
+from linearard.models.teacher_student import TeacherStudent
+from tiny import FAMILIES, byte_tokenizer, tiny_model
+
+# the tiny models' native length is 256: 64 tokens is short, 320 beyond native
+SHORT, LONG = 64, 320
+
+
+def _student(family, rope_type, mode="lora"):
+    model = tiny_model(family)
+    scaling = RopeScaling.resolve(model.config, rope_type, 4.0)
+    model = add_adapters(model, mode, rank=4, alpha=8)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained-looking adapters (LoRA's B starts at zero)
+        for p in trainable_parameters(model):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model, scaling
+
+
+def _student_logits(model, scaling, length):
+    ids = torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad(), TeacherStudent(model, scaling).student():
+        return ids, model(input_ids=ids).logits
+
+
+def _reload(path, family):
+    kwargs = {"attn_implementation": "eager"} if family.startswith("gemma") else {}
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reloaded_export_matches_student(tmp_path, family):
+    # transformers' Phi-3 config accepts LongRoPE only
+    model, scaling = _student(family, "longrope" if family == "phi3" else "yarn")
+    expected = [_student_logits(model, scaling, n) for n in (SHORT, LONG)]
+    export_model(model, byte_tokenizer(), scaling, tmp_path / "out")
+    reloaded = _reload(tmp_path / "out", family)
+    assert reloaded.config.max_position_embeddings == scaling.target_length
+    for ids, logits in expected:
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(input_ids=ids).logits, logits, atol=2e-5, rtol=1e-4)
+
+
+# The in-memory dynamic-NTK student fails beyond the native length: StudentRope renames its type to
+# "dynamic@<target>", which transformers' `"dynamic" in rope_type` test still treats as dynamic.
+@pytest.mark.parametrize(
+    "family, rope_type, lengths",
+    [
+        pytest.param("llama", "linear", (SHORT, LONG), id="llama-linear"),
+        pytest.param("llama", "llama3", (SHORT, LONG), id="llama-llama3"),
+        pytest.param("llama", "abf", (SHORT, LONG), id="llama-abf"),
+        pytest.param("llama", "longrope", (SHORT, LONG), id="llama-longrope"),
+        # per-layer-type RoPE: only the global layers are scaled
+        pytest.param("gemma3", "longrope", (SHORT, LONG), id="gemma3-longrope"),
+        pytest.param("llama", "dynamic", (SHORT,), id="llama-dynamic-short"),
+        pytest.param("gemma3", "dynamic", (SHORT,), id="gemma3-dynamic-short"),
+        pytest.param("llama", "dynamic", (LONG,), id="llama-dynamic-long"),
+    ],
+)
+def test_every_rope_type_reloads_exactly(tmp_path, family, rope_type, lengths):
+    # dynamic NTK and LongRoPE switch frequencies with the input length in transformers; the export
+    # must give the student's long-context frequencies at short and long lengths alike
+    model, scaling = _student(family, rope_type)
+    expected = [_student_logits(model, scaling, n) for n in lengths]
+    export_model(model, byte_tokenizer(), scaling, tmp_path / "out")
+    reloaded = _reload(tmp_path / "out", family)
+    for ids, logits in expected:
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(input_ids=ids).logits, logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "yarn"])
+def test_legacy_dialect_alone_gives_the_same_model(tmp_path, rope_type):
+    model, scaling = _student("qwen2", rope_type)
+    ids, logits = _student_logits(model, scaling, SHORT)
+    export_model(model, byte_tokenizer(), scaling, tmp_path / "out")
+    path = tmp_path / "out" / "config.json"
+    config = json.loads(path.read_text())
+    assert config["rope_scaling"]["type"] == rope_type and "rope_theta" in config
+    del config["rope_parameters"]  # what a transformers-4.x reader uses
+    path.write_text(json.dumps(config))
+    with torch.no_grad():
+        torch.testing.assert_close(_reload(tmp_path / "out", "qwen2")(input_ids=ids).logits, logits)
+
+
+def test_a_rope_type_the_architecture_cannot_save_is_refused():
+    config = tiny_model("phi3").config
+    with pytest.raises(UserError, match="Phi3Config cannot hold a yarn RoPE scaling"):
+        check_exportable(config, RopeScaling.resolve(config, "yarn", 4.0))
+    check_exportable(config, RopeScaling.resolve(config, "longrope", 4.0))
+
+
+def test_dense_adapters_export_and_dtype(tmp_path):
+    model, scaling = _student("phi3", "longrope", mode="dense")
+    ids, logits = _student_logits(model, scaling, SHORT)
+    export_model(model, byte_tokenizer(), scaling, tmp_path / "out", dtype=torch.bfloat16)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert next(reloaded.parameters()).dtype == torch.bfloat16
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    with torch.no_grad():
+        got = reloaded.float()(input_ids=ids).logits
+    torch.testing.assert_close(got, logits, atol=0.05, rtol=0.05)  # bf16 weights
+    adapters = load_file(tmp_path / "out" / "adapter" / "adapters.safetensors")
+    assert adapters and all(".delta" in name for name in adapters)
+
+
+def test_lora_adapter_folder_loads_with_peft(tmp_path):
+    from peft import PeftModel
+
+    model, scaling = _student("llama", "linear")
+    ids, logits = _student_logits(model, scaling, SHORT)
+    export_model(model, byte_tokenizer(), scaling, tmp_path / "out")
+    # the adapter folder on the base weights with the exported (scaled) config = the student
+    base = AutoModelForCausalLM.from_config(exported_config(tiny_model("llama").config, scaling))
+    base.load_state_dict(tiny_model("llama").state_dict())
+    student = PeftModel.from_pretrained(base.eval(), tmp_path / "out" / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids=ids).logits, logits, atol=2e-5, rtol=1e-4)
+
+
+def test_export_replaces_an_old_folder_atomically(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    model, scaling = _student("llama", "linear")
+    export_model(model, byte_tokenizer(), scaling, target)
+    assert not (target / "stale.txt").exists() and (target / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
