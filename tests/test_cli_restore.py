@@ -1,7 +1,6 @@
 """`linearard restore` / `linearard export` end to end on a tiny model, and their one-line errors."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -9,21 +8,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from linearard.cli import main
-from tiny import byte_tokenizer, tiny_model
-
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "kings", "sing",
-         "of", "old", "river", "towns"]
+from tiny import byte_tokenizer, save_tiny, write_corpus
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    tiny_model("mistral").save_pretrained(root / "model")
-    byte_tokenizer().save_pretrained(root / "model")
-    rng = random.Random(0)
-    (root / "data").mkdir()
-    for i in range(3):
-        (root / "data" / f"doc{i}.md").write_text(" ".join(rng.choice(WORDS) for _ in range(150)))
+    save_tiny(root / "model", "mistral")
+    write_corpus(root / "data", docs=3, words=150, suffix=".md")
     return root
 
 

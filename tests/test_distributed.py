@@ -6,7 +6,6 @@ optimizer steps the adapters must agree within float tolerance.
 """
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -22,12 +21,10 @@ from linearard.errors import UserError
 from linearard.training.checkpoint import latest_checkpoint, read_checkpoint
 from linearard.training.loop import restore
 from linearard.training.metrics import read_metrics
-from tiny import byte_tokenizer, tiny_model
+from tiny import save_tiny, write_corpus
 
 pytestmark = pytest.mark.distributed
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "kings", "sing",
-         "of", "old", "river", "towns"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 STEPS = 4
 
@@ -35,12 +32,8 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    tiny_model("qwen3").save_pretrained(root / "model")
-    byte_tokenizer().save_pretrained(root / "model")
-    rng = random.Random(0)
-    (root / "data").mkdir()
-    for i in range(3):
-        (root / "data" / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(120)))
+    save_tiny(root / "model", "qwen3")
+    write_corpus(root / "data", docs=3, words=120)
     flags = dict(
         model=str(root / "model"), data=[str(root / "data")], seq_len=64, lora_rank=4, lora_alpha=8,
         warmup_steps=1, lr=1e-2, rope_type="yarn", rope_factor=4.0, shuffle_buffer=0, save_every=2,

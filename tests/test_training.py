@@ -17,10 +17,7 @@ from linearard.training.loop import _Run, restore
 from linearard.training.metrics import read_metrics
 from linearard.training.plan import ModelShape, Stage, estimate_memory
 from linearard.training.schedule import lr_factor
-from tiny import FAMILIES, byte_tokenizer, tiny_model
-
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "kings", "sing",
-         "of", "old", "river", "towns"]
+from tiny import FAMILIES, byte_tokenizer, tiny_model, word_text, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +34,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for i in range(4):
-        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(150)))
-    return str(root)
+    return str(write_corpus(tmp_path_factory.mktemp("corpus"), docs=4, words=150))
 
 
 def _config(models, corpus, tmp_path, **overrides):
@@ -66,7 +59,7 @@ def _losses(output):
 def test_restore_lowers_the_relation_loss(models, corpus, tmp_path, family):
     # one 64-token document, seen every step: the same batch, so the loss must fall
     doc = tmp_path / "one.txt"
-    doc.write_text(" ".join(random.Random(1).choice(WORDS) for _ in range(14)))
+    doc.write_text(word_text(14, random.Random(1)))
     rope = "longrope" if family == "phi3" else "linear"  # transformers' Phi-3 config takes LongRoPE only
     cfg = _config(models, str(doc), tmp_path, model=models[family], max_tokens=64 * 8, shuffle_buffer=0,
                   rope_type=rope)

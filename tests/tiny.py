@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -99,3 +102,28 @@ def _byte_of(ch: str) -> int:
         return code
     others = [b for b in range(256) if b not in printable]
     return others[code - 256]
+
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "kings", "sing",
+         "of", "old", "river", "towns"]
+
+
+def word_text(words: int, rng: random.Random) -> str:
+    """`words` random words from a small vocabulary (text a tiny model can learn something from)."""
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def write_corpus(folder: Path, docs: int, words: int, suffix: str = ".txt", seed: int = 0) -> Path:
+    """`docs` files of random words in `folder`, drawn from one seeded generator."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(docs):
+        (folder / f"doc{i}{suffix}").write_text(word_text(words, rng))
+    return folder
+
+
+def save_tiny(folder: Path, family: str) -> Path:
+    """A tiny model of `family` and the byte tokenizer saved as a transformers folder."""
+    tiny_model(family).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
