@@ -14,9 +14,15 @@ from linearard.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "restore": ("linearard.training.command", "extend a model's context by RoPE scaling and restore its short-text skill"),
+    "restore": (
+        "linearard.training.command",
+        "extend a model's context by RoPE scaling and restore its short-text skill",
+    ),
     "export": ("linearard.export", "merge a checkpoint's adapters into a full model that plain transformers loads"),
-    "eval": ("linearard.evaluation.command", "short-text and long-context evaluation of one or more models, with a report"),
+    "eval": (
+        "linearard.evaluation.command",
+        "short-text and long-context evaluation of one or more models, with a report",
+    ),
     "study": ("linearard.study", "train and evaluate LinearARD against its baselines from one starting point"),
     "bench": ("linearard.bench", "speed and memory benchmarks (the relation-KL kernel, a restore step)"),
 }
