@@ -345,7 +345,7 @@ def test_optional_sources_when_installed(tmp_path, monkeypatch):
     )
     reader.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("LINEARARD_CACHE", str(tmp_path / "cache"))
 
     files = default_corpus_files()
     assert milton / "poetical_works_gut.txt" in files and milton / "paradiselost.txt" not in files

@@ -10,8 +10,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from linearard.errors import UserError
 from linearard.models.adapters import (
     ADAPTER_MODES,
+    AdapterSwitch,
     adapter_state_dict,
-    adapters_disabled,
     add_adapters,
     load_adapter_state_dict,
     merge_adapters,
@@ -119,7 +119,7 @@ def test_adapters_switch_off_merge_and_checkpoint(mode):
     _perturb(model)
     with torch.no_grad():
         adapted = model(IDS).logits
-        with adapters_disabled(model):
+        with AdapterSwitch(model).off():
             off = model(IDS).logits
     assert torch.equal(off, reference)
     assert not torch.allclose(adapted, reference)
@@ -181,7 +181,7 @@ def test_teacher_is_the_base_model_and_capture_sees_every_layer(family):
     assert seen[0].scaling == pytest.approx(base.model.layers[0].self_attn.scaling)
     # Outside the blocks the model computes exactly what it did before.
     assert model.base_model.model.model.rotary_emb is ts.native_rope
-    with torch.no_grad(), adapters_disabled(model):
+    with torch.no_grad(), AdapterSwitch(model).off():
         assert torch.equal(model(IDS).logits, reference)
 
 

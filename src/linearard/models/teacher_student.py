@@ -25,7 +25,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from linearard.errors import UserError
-from linearard.models.adapters import adapters_disabled
+from linearard.models.adapters import AdapterSwitch
 from linearard.models.rope import LENGTH_DEPENDENT, RopeScaling, scaled_config
 
 
@@ -129,6 +129,7 @@ class TeacherStudent:
         self.model = model
         self.scaling = scaling
         self.decoder = _find_decoder(model)
+        self.adapters = AdapterSwitch(model)
         self.native_rope = self.decoder.rotary_emb
         self.student_config = scaled_config(self.decoder.config, scaling)
         self.student_rope = StudentRope(self.native_rope, self.student_config, scaling)
@@ -148,7 +149,7 @@ class TeacherStudent:
     @contextmanager
     def teacher(self) -> Iterator[None]:
         """Adapters off, native RoPE. Wrap in ``torch.no_grad()`` yourself."""
-        with adapters_disabled(self.model), self._rope(self.native_rope):
+        with self.adapters.off(), self._rope(self.native_rope):
             yield
 
     @contextmanager

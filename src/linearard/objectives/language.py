@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from linearard.errors import UserError
-from linearard.models.adapters import adapters_disabled
 from linearard.objectives.base import Batch, HiddenStates, Metrics, Objective, Step, attention_mask
 
 if TYPE_CHECKING:
@@ -151,7 +150,7 @@ def _teacher_head(ts: TeacherStudent, head: Callable) -> Callable[[torch.Tensor]
         return head
 
     def original(hidden: torch.Tensor) -> torch.Tensor:
-        with adapters_disabled(ts.model):
+        with ts.adapters.off():
             return head(hidden)
 
     return original

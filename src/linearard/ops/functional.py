@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -182,6 +183,7 @@ def _check_scale(name: str, scale: float | None, head_dim: int) -> float:
     return value
 
 
+@functools.cache
 def triton_available() -> bool:
     """Whether the Triton package is installed (importing it is left to the first Triton call)."""
     return importlib.util.find_spec("triton") is not None

@@ -37,7 +37,7 @@ from linearard.config import RestoreConfig, build_config
 from linearard.data import TokenBlocks, corpus_files, default_corpus_files, estimate_corpus_tokens
 from linearard.errors import UserError
 from linearard.export import check_exportable
-from linearard.models.adapters import adapters_disabled, add_adapters, trainable_parameters
+from linearard.models.adapters import add_adapters, trainable_parameters
 from linearard.models.load import load_model
 from linearard.models.teacher_student import TeacherStudent
 from linearard.objectives import build_objective
@@ -410,7 +410,7 @@ class _Run:
         """The three models compared: teacher, untrained scaled student, restored student."""
         untrained = ExitStack()
         untrained.enter_context(self.ts.student())
-        untrained.enter_context(adapters_disabled(self.model))
+        untrained.enter_context(self.ts.adapters.off())
         return {"teacher": self.ts.teacher(), "scaled student": untrained, "restored student": self.ts.student()}
 
     def _export(self) -> Path:
