@@ -134,6 +134,27 @@ def test_ard_matches_naive_definition(kv_norm, pad):
     assert set(metrics) == {"loss", "qq", "kk", "vv", "layers_0-0", "layers_2-2"}
 
 
+def test_relations_of_a_layer_share_one_call_per_head_dim():
+    from linearard.objectives.attention import _head_groups, _stack_heads
+    from linearard.ops import relation_kl
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1, 4, 11, 16), (1, 2, 11, 16), (1, 2, 11, 8)]  # Q, K, and a V of another head dim
+    students = [torch.randn(*s, generator=gen, requires_grad=True) for s in shapes]
+    teachers = [torch.randn(*s, generator=gen) for s in shapes]
+    assert _head_groups(students) == [[0, 1], [2]]
+    stacked = [relation_kl(s, t, reduction="none") for s, t in zip(_stack_heads(students), _stack_heads(teachers))]
+    (torch.cat(stacked, dim=1) ** 2).sum().backward()
+    joined = [g.clone() for g in (x.grad for x in students)]
+    for x in students:
+        x.grad = None
+    separate = [relation_kl(s, t, reduction="none") for s, t in zip(students, teachers)]
+    (torch.cat(separate, dim=1) ** 2).sum().backward()
+    torch.testing.assert_close(torch.cat(stacked, dim=1), torch.cat(separate, dim=1))
+    for a, x in zip(joined, students):
+        torch.testing.assert_close(a, x.grad)
+
+
 def test_ard_scale_option_uses_the_attention_scaling():
     # query_pre_attn_scalar 4 != head_dim 16: the attention's softmax scale is 4^-1/2, not 16^-1/2.
     _, ts = make_pair("gemma2", query_pre_attn_scalar=4)

@@ -23,6 +23,9 @@ import torch
 # Log-softmax over the vocabulary is done on at most this many positions at a time, in float32,
 # so a 32K-token window of a 49K-word vocabulary never needs a 6 GB temporary.
 _LOGPROB_CHUNK = 2048
+# Continuation tokens are scored this many at a time: small enough for the log-softmax to stay in
+# a CPU's cache, large enough that a GPU does a batch's requests in a launch or two.
+_PICK_CHUNK = 256
 
 
 def supported_length(model) -> int:
@@ -256,22 +259,34 @@ def _score_batch(model, groups: list[list[_Item]], results: list[Score | None]) 
         suffix_logits, _ = forward(model, s_ids.to(device), full_mask, s_pos, cache=cache, use_cache=True)
     row_of = {id(it): r for r, (_, it) in enumerate(rows)}
 
+    # Each continuation token, by where the logits predicting it sit: (flat row, target, request).
+    # Logits at position q predict token q + 1; continuation tokens sit at ctx_len..len-1.
+    flat_prefix, flat_suffix = [], []
+    batch_items: list[_Item] = []
     for g, items in enumerate(groups):
         p = shared[g]
         for it in items:
-            # logits at position q predict token q + 1; continuation tokens sit at ctx_len..len-1
-            targets = it.seq[it.ctx_len:]
-            vectors = []
+            k = len(batch_items)
+            batch_items.append(it)
             for q in range(it.ctx_len - 1, len(it.seq) - 1):
                 if q < p:
-                    vectors.append(prefix_logits[g, n_keep - p + q])
+                    flat_prefix.append((g * n_keep + n_keep - p + q, it.seq[q + 1], k))
                 else:
-                    vectors.append(suffix_logits[row_of[id(it)], q - p])
-            logp = torch.log_softmax(torch.stack(vectors).float(), dim=-1)
-            tgt = torch.tensor(targets, device=logp.device)
-            token_lp = logp.gather(-1, tgt[:, None]).squeeze(-1)
-            greedy = bool((logp.argmax(-1) == tgt).all())
-            results[it.index] = Score(float(token_lp.sum()), greedy, len(targets))
+                    flat_suffix.append((row_of[id(it)] * suffix_logits.shape[1] + q - p, it.seq[q + 1], k))
+    logprob = torch.zeros(len(batch_items), dtype=torch.float32, device=device)
+    misses = torch.zeros(len(batch_items), dtype=torch.long, device=device)
+    for logits, picks in ((prefix_logits, flat_prefix), (suffix_logits, flat_suffix)):
+        if not picks:
+            continue
+        flat = logits.reshape(-1, logits.shape[-1])
+        for c in range(0, len(picks), _PICK_CHUNK):
+            where, target, request = torch.tensor(picks[c:c + _PICK_CHUNK], device=device).unbind(-1)
+            logp = torch.log_softmax(flat.index_select(0, where).float(), dim=-1)
+            logprob.index_add_(0, request, logp.gather(-1, target[:, None]).squeeze(-1))
+            misses.index_add_(0, request, (logp.argmax(-1) != target).long())
+    # one transfer per batch, not one per request
+    for it, lp, miss in zip(batch_items, logprob.tolist(), misses.tolist()):
+        results[it.index] = Score(lp, miss == 0, len(it.seq) - it.ctx_len)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ class EvalSettings:
         "help": "items per benchmark, a fixed random subset (None: the full evaluation split)"})
     seed: int = field(default=0, metadata={
         "help": "seed of benchmark subsets and of the synthetic long-context prompts"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per forward pass on short tasks"})
+    batch_size: int = field(default=64, metadata={"help": "sequences per forward pass on short tasks"})
     max_batch_tokens: int = field(default=32768, metadata={
         "help": "windows and long-context prompts are batched up to about this many tokens"})
     ppl_lengths: tuple[int, ...] = field(default=(256, 1024, 4096), metadata={

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,9 +39,10 @@ SCALES = ("head_dim", "attention")
 KV_NORMS = ("kv_heads", "query_heads")
 LAYER_REDUCTIONS = ("mean", "sum")
 
-# (student inputs, the teacher tensors kept for that layer by name, the teacher's attention scale)
-# -> one KL per component
-LayerKL = Callable[["AttentionInputs", dict[str, torch.Tensor], float], torch.Tensor]
+# What a step keeps of the teacher's attention inputs of one layer, and how it scores the student's
+# inputs of that layer against it: (student inputs, kept) -> one KL per component.
+Keep = Callable[["AttentionInputs"], Any]
+LayerKL = Callable[["AttentionInputs", Any], torch.Tensor]
 
 
 class RelationDistillation(Objective):
@@ -103,29 +104,37 @@ class RelationDistillation(Objective):
     def start(self, ts: TeacherStudent, batch: Batch) -> Step:
         mask = attention_mask(batch)
         names = tuple(self.relations)
+        tensors = tuple(_TENSOR[r] for r in names)
+        rows = mask.bool().sum().clamp(min=1)  # valid (non-pad) rows; stays on the device
 
-        def layer_kl(student: AttentionInputs, teacher: dict[str, torch.Tensor], teacher_scaling: float):
-            heads_q = student.query.shape[1]
-            kls = []
-            for r in names:
-                x_s, x_t = getattr(student, _TENSOR[r]), teacher[_TENSOR[r]]
-                kl = relation_kl(
+        def keep(teacher: AttentionInputs) -> tuple[list[torch.Tensor], float]:
+            return _stack_heads([getattr(teacher, t).detach() for t in tensors]), teacher.scaling
+
+        def layer_kl(student: AttentionInputs, kept: tuple[list[torch.Tensor], float]) -> torch.Tensor:
+            stacked_t, teacher_scaling = kept
+            xs = [getattr(student, t) for t in tensors]
+            heads = [x.shape[1] for x in xs]
+            # per relation, the heads its KL is averaged over (see the class docstring)
+            norm = heads if self.kv_norm == "kv_heads" else [student.query.shape[1]] * len(xs)
+            sums: dict[int, torch.Tensor] = {}
+            for x_s, x_t, members in zip(_stack_heads(xs), stacked_t, _head_groups(xs)):
+                per_head = relation_kl(
                     x_s,
                     x_t,
                     attention_mask=mask,
                     scale_s=_scale(self.scale, x_s, student.scaling),
                     scale_t=_scale(self.scale, x_t, teacher_scaling),
-                    reduction="mean",
-                )
-                if r != "q" and self.kv_norm == "query_heads":
-                    kl = kl * (x_s.shape[1] / heads_q)
-                kls.append(kl)
-            return torch.stack(kls)
+                    reduction="none",
+                ).sum(dim=(0, 2))
+                for r, part in zip(members, per_head.split([heads[r] for r in members])):
+                    sums[r] = part.sum()
+            # Python numbers only: a tensor built from a list would be a host-to-device copy per layer
+            return torch.stack([sums[r] / norm[r] for r in range(len(xs))]) / rows
 
         return _PerLayerStep(
             layers=select_layers(self.layers, ts.num_layers),
             num_layers=ts.num_layers,
-            keep=tuple(_TENSOR[r] for r in names),
+            keep=keep,
             layer_kl=layer_kl,
             names=tuple(r + r for r in names),
             weights=tuple(self.relations.values()),
@@ -166,13 +175,17 @@ class AttentionDistillation(Objective):
     def start(self, ts: TeacherStudent, batch: Batch) -> Step:
         mask = attention_mask(batch)
 
-        def layer_kl(student: AttentionInputs, teacher: dict[str, torch.Tensor], teacher_scaling: float):
-            q_s, q_t = student.query, teacher["query"]
+        def keep(teacher: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, float]:
+            return teacher.query.detach(), teacher.key.detach(), teacher.scaling
+
+        def layer_kl(student: AttentionInputs, kept: tuple[torch.Tensor, torch.Tensor, float]):
+            q_t, k_t, teacher_scaling = kept
+            q_s = student.query
             kl = attention_kl(
                 q_s,
                 student.key,
                 q_t,
-                teacher["key"],
+                k_t,
                 attention_mask=mask,
                 scale_s=_scale(self.scale, q_s, student.scaling),
                 scale_t=_scale(self.scale, q_t, teacher_scaling),
@@ -183,7 +196,7 @@ class AttentionDistillation(Objective):
         return _PerLayerStep(
             layers=select_layers(self.layers, ts.num_layers),
             num_layers=ts.num_layers,
-            keep=("query", "key"),
+            keep=keep,
             layer_kl=layer_kl,
             names=("qk",),
             weights=(1.0,),
@@ -200,7 +213,7 @@ class _PerLayerStep(Step):
         self,
         layers: list[int],
         num_layers: int,
-        keep: tuple[str, ...],
+        keep: Keep,
         layer_kl: LayerKL,
         names: tuple[str, ...],
         weights: tuple[float, ...],
@@ -214,17 +227,16 @@ class _PerLayerStep(Step):
         self.names = names
         self.weights = weights
         self.layer_reduction = layer_reduction
-        self.teacher: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
+        self.teacher: dict[int, Any] = {}
         self.per_layer: dict[int, torch.Tensor] = {}
 
     def on_teacher_attention(self, layer: int, inputs: AttentionInputs) -> None:
         if layer in self.chosen:
-            kept = {name: getattr(inputs, name).detach() for name in self.keep}
-            self.teacher[layer] = (kept, inputs.scaling)
+            self.teacher[layer] = self.keep(inputs)
 
     def on_student_attention(self, layer: int, inputs: AttentionInputs) -> None:
         if layer in self.chosen:
-            kl = self.layer_kl(inputs, *self.teacher[layer])
+            kl = self.layer_kl(inputs, self.teacher[layer])
             # Gradient checkpointing recomputes the layer in backward and calls this again; that second
             # value only regenerates the tensors the first one saved. Keeping it instead would keep every
             # recomputed graph alive until backward ends, and adding it would count the layer twice.
@@ -235,17 +247,36 @@ class _PerLayerStep(Step):
         if missing:
             raise RuntimeError(f"no attention call was captured for layers {missing}")
         kl = torch.stack([self.per_layer[i] for i in self.layers])  # [layers, components]
-        weights = torch.tensor(self.weights, dtype=kl.dtype, device=kl.device)
-        per_layer = kl @ weights
+        per_layer = sum(kl[:, j] * w for j, w in enumerate(self.weights))
         loss = per_layer.mean() if self.layer_reduction == "mean" else per_layer.sum()
         metrics: Metrics = {"loss": loss.detach()}
         detached = kl.detach()
         for j, name in enumerate(self.names):
             metrics[name] = detached[:, j].mean()
-        position = {layer: j for j, layer in enumerate(self.layers)}
+        start = 0
         for group, members in layer_groups(self.layers, self.num_layers).items():
-            metrics[group] = per_layer.detach()[[position[i] for i in members]].mean()
+            # the groups split the sorted layers into consecutive runs
+            metrics[group] = per_layer.detach()[start:start + len(members)].mean()
+            start += len(members)
         return loss, metrics
+
+
+def _head_groups(xs: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of `xs` that can share one kernel call: same head dim and dtype, in first-seen order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(xs):
+        groups.setdefault((x.shape[-1], x.dtype), []).append(i)
+    return list(groups.values())
+
+
+def _stack_heads(xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`xs` ([B, H_i, T, D_i]) joined along the heads, one tensor per `_head_groups` group.
+
+    A self-relation relates each head only to itself, so the Q/Q, K/K and V/V relations of a layer
+    are one relation over the joined heads: one kernel launch instead of three, and a grid wide enough
+    to fill the GPU when the key/value heads are few.
+    """
+    return [xs[g[0]] if len(g) == 1 else torch.cat([xs[i] for i in g], dim=1) for g in _head_groups(xs)]
 
 
 def _check_scale(scale: str | float) -> str | float:
