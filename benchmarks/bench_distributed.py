@@ -36,6 +36,8 @@ def run_one(args: argparse.Namespace) -> None:
             warmup_steps=1, log_every=1,
         )
     )
+    # this process's own GPU before any CUDA call, or every rank would open a context on GPU 0
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     result = restore(config, log=lambda _: None)

@@ -119,8 +119,12 @@ def test_adapters_switch_off_merge_and_checkpoint(mode):
     _perturb(model)
     with torch.no_grad():
         adapted = model(IDS).logits
-        with AdapterSwitch(model).off():
+        switch = AdapterSwitch(model)
+        with switch.off():
+            with switch.off():  # nested: still off after the inner block
+                pass
             off = model(IDS).logits
+        assert torch.equal(model(IDS).logits, adapted)  # back on after the outer block
     assert torch.equal(off, reference)
     assert not torch.allclose(adapted, reference)
     state = {k: v.clone() for k, v in adapter_state_dict(model).items()}

@@ -73,6 +73,20 @@ def test_restore_lowers_the_relation_loss(models, corpus, tmp_path, family):
         assert key in record
 
 
+def test_held_out_report_compares_three_distinct_models(models, corpus, tmp_path):
+    # The untrained scaled student is the scaled RoPE with the adapters off: training cannot move it.
+    def report(steps):
+        cfg = _config(models, corpus, tmp_path / str(steps), max_tokens=64 * steps, eval=True, eval_tokens=256)
+        return restore(cfg, log=_quiet).perplexity
+
+    short, long = report(1), report(6)
+    assert short["teacher"] == pytest.approx(long["teacher"], rel=1e-6)
+    assert short["scaled student"] == pytest.approx(long["scaled student"], rel=1e-6)
+    # a tiny random model barely moves on Hamlet, but the trained adapters must make some difference
+    assert long["restored student"] != long["scaled student"]
+    assert long["restored student"] != short["restored student"]
+
+
 def _crash_on_call(monkeypatch, n, error):
     calls = {"n": 0}
     original = _Run._objective_step

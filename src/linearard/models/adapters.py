@@ -106,14 +106,21 @@ class AdapterSwitch:
     def __init__(self, model: nn.Module):
         self._deltas = [m for m in model.modules() if isinstance(m, DeltaLinear)]
         self._peft = [m for m in model.modules() if _is_peft_layer(m)]
+        self._is_off = False
 
     @contextmanager
     def off(self) -> Iterator[None]:
+        """Adapters off inside the block; nested blocks leave them off until the outermost one ends."""
+        if self._is_off:
+            yield
+            return
         self._set(False)
+        self._is_off = True
         try:
             yield
         finally:
             self._set(True)
+            self._is_off = False
 
     def _set(self, enabled: bool) -> None:
         for m in self._deltas:

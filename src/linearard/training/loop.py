@@ -18,7 +18,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -407,11 +407,15 @@ class _Run:
         return values
 
     def _roles(self) -> dict[str, Any]:
-        """The three models compared: teacher, untrained scaled student, restored student."""
-        untrained = ExitStack()
-        untrained.enter_context(self.ts.student())
-        untrained.enter_context(self.ts.adapters.off())
-        return {"teacher": self.ts.teacher(), "scaled student": untrained, "restored student": self.ts.student()}
+        """The three models compared, each a context not yet entered: teacher, untrained scaled student
+        (scaled RoPE, adapters off), restored student."""
+        return {"teacher": self.ts.teacher(), "scaled student": self._untrained(),
+                "restored student": self.ts.student()}
+
+    @contextmanager
+    def _untrained(self) -> Iterator[None]:
+        with self.ts.student(), self.ts.adapters.off():
+            yield
 
     def _export(self) -> Path:
         from linearard.export import export_checkpoint, export_model
