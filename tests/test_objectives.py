@@ -142,8 +142,10 @@ def test_relations_of_a_layer_share_one_call_per_head_dim():
     shapes = [(1, 4, 11, 16), (1, 2, 11, 16), (1, 2, 11, 8)]  # Q, K, and a V of another head dim
     students = [torch.randn(*s, generator=gen, requires_grad=True) for s in shapes]
     teachers = [torch.randn(*s, generator=gen) for s in shapes]
-    assert _head_groups(students) == [[0, 1], [2]]
-    stacked = [relation_kl(s, t, reduction="none") for s, t in zip(_stack_heads(students), _stack_heads(teachers))]
+    groups = _head_groups(students)
+    assert groups == [[0, 1], [2]]
+    stacked = [relation_kl(s, t, reduction="none")
+               for s, t in zip(_stack_heads(students, groups), _stack_heads(teachers, groups))]
     (torch.cat(stacked, dim=1) ** 2).sum().backward()
     joined = [g.clone() for g in (x.grad for x in students)]
     for x in students:

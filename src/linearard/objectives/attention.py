@@ -108,7 +108,8 @@ class RelationDistillation(Objective):
         rows = mask.bool().sum().clamp(min=1)  # valid (non-pad) rows; stays on the device
 
         def keep(teacher: AttentionInputs) -> tuple[list[torch.Tensor], float]:
-            return _stack_heads([getattr(teacher, t).detach() for t in tensors]), teacher.scaling
+            xs = [getattr(teacher, t).detach() for t in tensors]
+            return _stack_heads(xs, _head_groups(xs)), teacher.scaling
 
         def layer_kl(student: AttentionInputs, kept: tuple[list[torch.Tensor], float]) -> torch.Tensor:
             stacked_t, teacher_scaling = kept
@@ -116,8 +117,9 @@ class RelationDistillation(Objective):
             heads = [x.shape[1] for x in xs]
             # per relation, the heads its KL is averaged over (see the class docstring)
             norm = heads if self.kv_norm == "kv_heads" else [student.query.shape[1]] * len(xs)
+            groups = _head_groups(xs)
             sums: dict[int, torch.Tensor] = {}
-            for x_s, x_t, members in zip(_stack_heads(xs), stacked_t, _head_groups(xs)):
+            for x_s, x_t, members in zip(_stack_heads(xs, groups), stacked_t, groups):
                 per_head = relation_kl(
                     x_s,
                     x_t,
@@ -269,14 +271,14 @@ def _head_groups(xs: Sequence[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _stack_heads(xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """`xs` ([B, H_i, T, D_i]) joined along the heads, one tensor per `_head_groups` group.
+def _stack_heads(xs: Sequence[torch.Tensor], groups: list[list[int]]) -> list[torch.Tensor]:
+    """`xs` ([B, H_i, T, D_i]) joined along the heads, one tensor per group of `_head_groups(xs)`.
 
     A self-relation relates each head only to itself, so the Q/Q, K/K and V/V relations of a layer
     are one relation over the joined heads: one kernel launch instead of three, and a grid wide enough
     to fill the GPU when the key/value heads are few.
     """
-    return [xs[g[0]] if len(g) == 1 else torch.cat([xs[i] for i in g], dim=1) for g in _head_groups(xs)]
+    return [xs[g[0]] if len(g) == 1 else torch.cat([xs[i] for i in g], dim=1) for g in groups]
 
 
 def _check_scale(scale: str | float) -> str | float:
