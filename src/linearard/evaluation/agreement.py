@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from linearard.evaluation.scoring import bos_prefix, encode, forward, model_device, supported_length
+from linearard.evaluation.scoring import bos_prefix, encode, forward, model_device, pad_batch, supported_length
 from linearard.evaluation.stats import mean_cell, na_cell, task_result
 
 _CHUNK = 1024  # positions per float32 log-softmax
@@ -84,12 +84,7 @@ def agreement(
 
 @torch.no_grad()
 def _logits(model, windows: list[list[int]]) -> torch.Tensor:
-    width = max(len(w) for w in windows)
-    ids = torch.zeros(len(windows), width, dtype=torch.long)
-    mask = torch.zeros(len(windows), width, dtype=torch.long)
-    for r, w in enumerate(windows):
-        ids[r, :len(w)] = torch.tensor(w)
-        mask[r, :len(w)] = 1
+    ids, mask = pad_batch(windows)
     device = model_device(model)
     logits, _ = forward(model, ids.to(device), mask.to(device))
     return logits

@@ -6,7 +6,7 @@ from collections.abc import Callable, Collection, Sequence
 
 import torch
 
-from linearard.evaluation.scoring import forward, model_device
+from linearard.evaluation.scoring import forward, model_device, pad_batch
 
 
 @torch.no_grad()
@@ -50,12 +50,7 @@ def greedy_generate(
     results: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = len(prompts[idx[0]])
-        ids = torch.zeros(len(idx), width, dtype=torch.long)
-        mask = torch.zeros(len(idx), width, dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, width - len(prompts[i]):] = torch.tensor(list(prompts[i]))
-            mask[r, width - len(prompts[i]):] = 1
+        ids, mask = pad_batch([prompts[i] for i in idx], left=True)
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = forward(model, ids, mask, positions, use_cache=True, logits_to_keep=1)

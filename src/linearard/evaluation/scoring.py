@@ -43,6 +43,19 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def pad_batch(seqs: Sequence[Sequence[int]], *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as ``(ids, mask)``, each ``[len(seqs), longest]`` long on the CPU; padding (id 0,
+    mask 0) goes on the right, or on the left with ``left=True``."""
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[r, cols] = torch.tensor(list(s), dtype=torch.long)
+        mask[r, cols] = 1
+    return ids, mask
+
+
 def forward(model, input_ids, attention_mask, position_ids=None, *, cache=None, use_cache=False,
             logits_to_keep: int = 0):
     """One forward pass; returns ``(logits, cache)``.
@@ -229,12 +242,7 @@ def _score_batch(model, groups: list[list[_Item]], results: list[Score | None]) 
     shared = [_shared_length(items) for items in groups]
     # Prefix logits needed from the position before the earliest continuation token onwards.
     keep = [p - min(it.ctx_len for it in items) + 1 for p, items in zip(shared, groups)]
-    width = max(shared)
-    ids = torch.zeros(len(groups), width, dtype=torch.long)
-    mask = torch.zeros(len(groups), width, dtype=torch.long)
-    for r, (p, items) in enumerate(zip(shared, groups)):
-        ids[r, width - p:] = torch.tensor(items[0].seq[:p])
-        mask[r, width - p:] = 1
+    ids, mask = pad_batch([items[0].seq[:p] for p, items in zip(shared, groups)], left=True)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     n_keep = max(keep)
@@ -244,13 +252,8 @@ def _score_batch(model, groups: list[list[_Item]], results: list[Score | None]) 
     prefix_logits, cache = forward(model, ids, mask, positions, use_cache=bool(rows), logits_to_keep=n_keep)
     suffix_logits = None
     if rows:
-        tail = max(len(it.seq) - 1 - shared[g] for g, it in rows)
-        s_ids = torch.zeros(len(rows), tail, dtype=torch.long)
-        s_mask = torch.zeros(len(rows), tail, dtype=torch.long)
-        for r, (g, it) in enumerate(rows):
-            part = it.seq[shared[g]:-1]
-            s_ids[r, :len(part)] = torch.tensor(part)
-            s_mask[r, :len(part)] = 1
+        s_ids, s_mask = pad_batch([it.seq[shared[g]:-1] for g, it in rows])
+        tail = s_ids.shape[1]
         select = torch.tensor([g for g, _ in rows], device=device)
         cache.reorder_cache(select)
         start = torch.tensor([shared[g] for g, _ in rows], device=device)
@@ -313,14 +316,11 @@ def token_nlls(
     results: list[torch.Tensor | None] = [None] * len(windows)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = len(windows[idx[0]])
-        ids = torch.zeros(len(idx), width, dtype=torch.long)
-        mask = torch.zeros(len(idx), width, dtype=torch.long)
-        for r, i in enumerate(idx):
-            if len(windows[i]) < 2:
-                raise ValueError(f"window {i} has fewer than 2 tokens")
-            ids[r, :len(windows[i])] = torch.tensor(list(windows[i]))
-            mask[r, :len(windows[i])] = 1
+        short = [i for i in idx if len(windows[i]) < 2]
+        if short:
+            raise ValueError(f"window {short[0]} has fewer than 2 tokens")
+        ids, mask = pad_batch([windows[i] for i in idx])
+        width = ids.shape[1]
         firsts = [1 if last is None else max(1, len(windows[i]) - last) for i in idx]
         # Logits are kept from the earliest position any row needs (position q predicts token q+1).
         offset = min(firsts) - 1
