@@ -96,11 +96,26 @@ class RestoreConfig:
         "data",
         metavar="N",
     )
-    batch_size: int = _opt(1, "blocks per micro-batch on each process", "data", metavar="N")
+    tokens_per_step: int | None = _opt(
+        None,
+        "training tokens per optimizer step, all processes together (default: 32Ki on a GPU, "
+        "--batch-size x --grad-accum blocks elsewhere, one block when neither is given)",
+        "data",
+        metavar="N",
+    )
+    batch_size: int | None = _opt(
+        None,
+        "blocks per micro-batch on each process (default: as many of a step's blocks as the memory estimate fits)",
+        "data",
+        metavar="N",
+    )
     shuffle_buffer: int = _opt(
         1024, "blocks held for shuffling the stream (0 = corpus order)", "data", metavar="N"
     )
-    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step", "data", metavar="N")
+    grad_accum: int | None = _opt(
+        None, "micro-batches accumulated per optimizer step (default: a step's blocks / --batch-size)", "data",
+        metavar="N",
+    )
     # -- objective
     objective: str = _opt(
         "ard",
@@ -156,6 +171,11 @@ class RestoreConfig:
     gradient_checkpointing: bool = _opt(
         False, "recompute each decoder layer in the backward pass (less memory, about a third slower)", "optimization"
     )
+    compile: bool | None = _opt(
+        None,
+        "compile each decoder layer with torch.compile (default: on for CUDA, off on the CPU)",
+        "optimization",
+    )
     seed: int = _opt(0, "random seed (model init of adapters, data order)", "optimization", metavar="N")
     # -- stages
     cpt_tokens: int = _opt(
@@ -188,14 +208,13 @@ class RestoreConfig:
 
     def validate(self) -> RestoreConfig:
         """Check values that need no model; raises `UserError` naming the flag. Returns self."""
-        for name in ("seq_len", "max_tokens", "batch_size", "grad_accum", "lora_rank", "keep_checkpoints",
-                     "log_every", "eval_tokens"):
+        for name in ("seq_len", "max_tokens", "lora_rank", "keep_checkpoints", "log_every", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "save_every", "cpt_tokens", "shuffle_buffer"):
             if getattr(self, name) < 0:
                 raise UserError(f"{_flag(name)} must not be negative, got {getattr(self, name)}")
-        for name in ("cpt_seq_len", "eval_seq_len", "target_length"):
+        for name in ("cpt_seq_len", "eval_seq_len", "target_length", "tokens_per_step", "batch_size", "grad_accum"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"{_flag(name)} must be at least 1, got {value}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from collections.abc import Iterator, Sequence
@@ -190,9 +191,19 @@ class TokenBlocks:
             if not self.repeat:
                 return
 
-    def state_dict(self) -> dict[str, Any]:
-        """The stream position after the last yielded block: plain values and tensors for torch.save."""
+    def position(self) -> _Position:
+        """A cheap copy of the stream position after the last yielded block, for `state_dict` later
+        (a thread that makes batches ahead keeps one per batch; only a checkpoint turns it into tensors)."""
         pos = self._pos
+        rng = random.Random()
+        rng.setstate(pos.rng.getstate())
+        # blocks are never changed in place (the buffer swaps references), so a shallow copy suffices
+        return dataclasses.replace(pos, rng=rng, buffer=list(pos.buffer))
+
+    def state_dict(self, position: _Position | None = None) -> dict[str, Any]:
+        """The stream position after the last yielded block (or a saved `position()`): plain values and
+        tensors for torch.save."""
+        pos = position or self._pos
         lengths = torch.tensor([len(b) for b in pos.buffer], dtype=torch.int32)
         buffer = torch.zeros(len(pos.buffer), self.seq_len, dtype=torch.int32)
         for row, block in zip(buffer, pos.buffer):

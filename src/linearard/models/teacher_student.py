@@ -57,15 +57,33 @@ def _capturing_attention(module: nn.Module, query, key, value, attention_mask, *
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    callback = kwargs.pop(_CALLBACK_KWARG, None)
-    if callback is not None:
-        callback(module.layer_idx, AttentionInputs(query, key, value, float(scaling)))
+    _deliver(kwargs.pop(_CALLBACK_KWARG, None), module, query, key, value, scaling)
     inner = module.config._attn_implementation.removeprefix(_PREFIX)
     if inner == "eager":
         fn = sys.modules[type(module).__module__].eager_attention_forward
     else:
         fn = ALL_ATTENTION_FUNCTIONS[inner]
     return fn(module, query, key, value, attention_mask, **kwargs)
+
+
+@torch.compiler.disable
+def _deliver(callback: LayerCallback | None, module: nn.Module, query, key, value, scaling) -> None:
+    # Outside any compiled graph: the callback is a new closure every step, and a compiled layer must
+    # not look at it (that would add a guard on it and recompile every step), nor at the layer index
+    # (one graph serves every layer).
+    if callback is not None:
+        callback(module.layer_idx, AttentionInputs(query, key, value, float(scaling)))
+
+
+def compile_layers(ts: TeacherStudent) -> None:
+    """Compile each decoder layer in place with `torch.compile` (the modules keep their identity, so
+    adapters, data-parallel wrappers and checkpoints see the same model).
+
+    One compiled graph serves every layer of the same shape; the teacher (adapters off, no gradient)
+    and the student compile once each. The capture of Q/K/V runs between two graphs of a layer.
+    """
+    for layer in ts.decoder.layers:
+        layer.compile(dynamic=False)
 
 
 def _register(inner: str) -> str:

@@ -76,8 +76,13 @@ class Objective:
         raise NotImplementedError
 
     def __call__(self, ts: TeacherStudent, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        ((loss, metrics),) = run_steps(ts, batch, [self.start(ts, batch)])
+        loss, metrics = self.run(ts, batch)
         return loss, metrics_to_floats(metrics)
+
+    def run(self, ts: TeacherStudent, batch: Batch) -> tuple[torch.Tensor, Metrics]:
+        """As calling it, with the metrics left as 0-d tensors on the device (no synchronisation)."""
+        ((loss, metrics),) = run_steps(ts, batch, [self.start(ts, batch)])
+        return loss, metrics
 
 
 def run_steps(

@@ -11,7 +11,7 @@ import torch
 
 from linearard.errors import UserError
 from linearard.objectives.attention import RELATIONS, AttentionDistillation, RelationDistillation
-from linearard.objectives.base import Batch, Objective, metrics_to_floats, run_steps
+from linearard.objectives.base import Batch, Metrics, Objective, metrics_to_floats, run_steps
 from linearard.objectives.hidden import HiddenDistillation
 from linearard.objectives.language import LogitDistillation, NextToken
 
@@ -48,13 +48,18 @@ class WeightedSum:
         self.name = "+".join(names)
 
     def __call__(self, ts: TeacherStudent, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = self.run(ts, batch)
+        return loss, metrics_to_floats(metrics)
+
+    def run(self, ts: TeacherStudent, batch: Batch) -> tuple[torch.Tensor, Metrics]:
+        """As calling it, with the metrics left as tensors on the device (no synchronisation)."""
         steps = [objective.start(ts, batch) for _, objective in self.active]
         results = run_steps(ts, batch, steps)
         total = sum(w * loss for (w, _), (loss, _) in zip(self.active, results))
         metrics = {"loss": total.detach()}
         for (_, objective), (_, part) in zip(self.active, results):
             metrics.update({f"{objective.name}/{key}": value for key, value in part.items()})
-        return total, metrics_to_floats(metrics)
+        return total, metrics
 
 
 def build_objective(

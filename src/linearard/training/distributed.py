@@ -221,24 +221,14 @@ def gradient_sync(wrapped: nn.Module, ctx: DistContext, enabled: bool) -> Iterat
         yield
 
 
-def mean_over_ranks(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
-    """Average each metric over the processes (every process gets the result)."""
-    if not ctx.distributed or not values:
-        return values
-    keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_comm_device(ctx))
-    dist.all_reduce(tensor)
-    tensor /= ctx.world_size
-    return dict(zip(keys, tensor.tolist()))
-
-
-def any_rank(flag: bool, ctx: DistContext) -> bool:
-    """True on every process when `flag` is true on any of them (e.g. a non-finite loss)."""
+def mean_tensor_over_ranks(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """`values` averaged element-wise over the processes (every process gets the result); a NaN or Inf
+    on any process stays in the mean, so every process sees it."""
     if not ctx.distributed:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=_comm_device(ctx))
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+        return values
+    tensor = values.to(device=_comm_device(ctx), dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor / ctx.world_size
 
 
 def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:

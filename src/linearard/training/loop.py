@@ -39,7 +39,7 @@ from linearard.errors import UserError
 from linearard.export import check_exportable
 from linearard.models.adapters import add_adapters, trainable_parameters
 from linearard.models.load import load_model
-from linearard.models.teacher_student import TeacherStudent
+from linearard.models.teacher_student import TeacherStudent, compile_layers
 from linearard.objectives import build_objective
 from linearard.training import distributed as dist_utils
 from linearard.training.checkpoint import (
@@ -51,6 +51,7 @@ from linearard.training.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
+from linearard.training.batches import MicroBatches
 from linearard.training.distributed import DistContext
 from linearard.training.metrics import MetricsWriter, Progress
 from linearard.training.plan import (
@@ -215,7 +216,6 @@ class _Run:
         model, self.tokenizer = load_model(config.model, device=device, dtype=dtype)
         self.scaling = resolve_scaling(config, model.config)
         check_exportable(model.config, self.scaling)
-        self.stages = plan_stages(config, self.scaling, ctx.world_size)
         model = add_adapters(
             model, config.adapter, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout
         )
@@ -225,8 +225,13 @@ class _Run:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
         self.ts = TeacherStudent(model, self.scaling)
+        if self._compiles():
+            compile_layers(self.ts)
         self.files = _corpus(config)
         shape = ModelShape.of(model, self.ts.config)
+        self.stages = plan_stages(
+            config, self.scaling, shape, world_size=ctx.world_size, device=str(ctx.device), bf16=self.bf16
+        )
         self.plan = Plan(
             config=config,
             model=shape,
@@ -250,63 +255,50 @@ class _Run:
         scheduler = warmup_cosine(
             optimizer, warmup_steps=config.warmup_steps, total_steps=stage.steps, min_ratio=config.min_lr_ratio
         )
-        data = self._blocks(stage)
+        blocks = self._blocks(stage)
         if checkpoint is not None:
             set_optimizer_state_dict(self.model, optimizer, checkpoint.optimizer, options=self._sd_options(False))
             scheduler.load_state_dict(self.trainer.scheduler)
-            data.load_state_dict(checkpoint.rank_state["data"])
+            blocks.load_state_dict(checkpoint.rank_state["data"])
             set_rng_state(checkpoint.rank_state["rng"])
-        stream = iter(data)
+        batches = MicroBatches(blocks, stage.batch_size, ctx.device)
         self.progress.set_description(f"{stage.name} ({index + 1}/{len(self.stages)})")
         self.model.train()
-        last: dict[str, float] = {}
-        timer = time.perf_counter()
-        for step in range(self.trainer.step, stage.steps):
-            optimizer.zero_grad(set_to_none=True)
-            totals: dict[str, float] = {}
-            for micro in range(config.grad_accum):
-                batch = self._batch(stream)
-                sync = micro == config.grad_accum - 1
-                with dist_utils.gradient_sync(self.wrapped, ctx, sync), self._autocast():
-                    loss, metrics = self.wrapped(batch)
-                    dist_utils.gather_for_backward(ctx, self.gather_for_backward)
-                    (loss / config.grad_accum).backward()
-                for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + value / config.grad_accum
-            grad_norm = _clip(params, config.clip)
-            loss_value = totals.get("loss", float("nan"))
-            if dist_utils.any_rank(not (math.isfinite(loss_value) and math.isfinite(grad_norm)), ctx):
-                self._stop_on_nonfinite(stage, step, loss_value, grad_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            self.trainer.step = step + 1
-            self.trainer.tokens += stage.tokens_per_step
-            now = time.perf_counter()
-            totals = dist_utils.mean_over_ranks(totals, ctx)
-            last = {
-                **totals,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens": self.trainer.tokens,
-                "tokens_per_s": stage.tokens_per_step / max(now - timer, 1e-9),
-            }
-            timer = now
-            global_step = self._global_step()
-            if global_step % config.log_every == 0 or step + 1 == stage.steps:
-                self.writer.write(global_step, {"stage": stage.name, **last})
-            self.progress.update(stage.tokens_per_step, loss=totals["loss"], lr=lr)
-            if step + 1 == stage.steps or (config.save_every and global_step % config.save_every == 0):
-                self._save(optimizer, scheduler, data)
-        return last
+        log = _StepLog(self, stage)
+        try:
+            for step in range(self.trainer.step, stage.steps):
+                optimizer.zero_grad(set_to_none=True)
+                totals: dict[str, torch.Tensor] = {}
+                for micro in range(stage.grad_accum):
+                    batch = next(batches)
+                    sync = micro == stage.grad_accum - 1
+                    with dist_utils.gradient_sync(self.wrapped, ctx, sync), self._autocast():
+                        loss, metrics = self.wrapped(batch)
+                        dist_utils.gather_for_backward(ctx, self.gather_for_backward)
+                        (loss / stage.grad_accum).backward()
+                    for key, value in metrics.items():
+                        part = value.detach().float() / stage.grad_accum
+                        totals[key] = totals[key] + part if key in totals else part
+                totals["grad_norm"] = _clip(params, config.clip)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                self.trainer.step = step + 1
+                self.trainer.tokens += stage.tokens_per_step
+                log.add(self._global_step(), totals, lr)
+                saving = step + 1 == stage.steps or (
+                    config.save_every and self._global_step() % config.save_every == 0
+                )
+                if saving or log.due():
+                    log.flush()  # raises on a non-finite loss before anything is saved
+                if saving:
+                    self._save(optimizer, scheduler, batches)
+        finally:
+            batches.close()
+        return log.last
 
-    def _objective_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.objective(self.ts, batch)
-
-    def _batch(self, stream: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        blocks = [next(stream) for _ in range(self.config.batch_size)]
-        device = self.ctx.device
-        return {key: torch.stack([b[key] for b in blocks]).to(device) for key in blocks[0]}
+    def _objective_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.objective.run(self.ts, batch)
 
     def _blocks(self, stage: Stage) -> TokenBlocks:
         return TokenBlocks(
@@ -330,9 +322,14 @@ class _Run:
         where = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
         what = f"loss {loss:g}" if not math.isfinite(loss) else f"gradient norm {grad_norm:g}"
         raise UserError(
-            f"stopped: non-finite {what} at step {step + 1} of the {stage.name} stage; {where} "
+            f"stopped: non-finite {what} at step {step} of the {stage.name} stage; {where} "
             "(try a lower --lr, or --precision fp32)"
         )
+
+    def _compiles(self) -> bool:
+        if self.config.compile is None:
+            return self.ctx.device.type == "cuda"
+        return self.config.compile
 
     # -- checkpoints --------------------------------------------------------------------------------
 
@@ -345,7 +342,7 @@ class _Run:
         full = self.config.strategy == "fsdp"
         return StateDictOptions(full_state_dict=full, cpu_offload=saving, ignore_frozen_params=saving)
 
-    def _save(self, optimizer: torch.optim.Optimizer, scheduler: Any, data: Any) -> None:
+    def _save(self, optimizer: torch.optim.Optimizer, scheduler: Any, data: MicroBatches) -> None:
         adapters = get_model_state_dict(self.model, options=self._sd_options(True))
         optim = get_optimizer_state_dict(self.model, optimizer, options=self._sd_options(True))
         ranks = dist_utils.gather_objects({"data": data.state_dict(), "rng": rng_state()}, self.ctx)
@@ -482,11 +479,54 @@ def _layers_trained_through_captures(config: RestoreConfig, num_layers: int) -> 
     return frozenset({select_layers(config.layers, num_layers)[-1]})
 
 
-def _clip(params: list[torch.nn.Parameter], max_norm: float) -> float:
+def _clip(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the gradients; returns their total norm before clipping, on the device (no synchronisation)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor spread over the processes
         norm = norm.full_tensor()
-    return float(norm)
+    return norm.detach().float()
+
+
+class _StepLog:
+    """Per-step metrics kept on the device and read in one transfer every few steps (a read waits for
+    the device, so reading every step would keep the host from running ahead): then averaged over
+    processes, checked for non-finite values, written step by step and shown on the progress bar."""
+
+    READ_EVERY = 16  # steps between reads; checkpoints and the stage's end read too
+
+    def __init__(self, run: _Run, stage: Stage):
+        self.run = run
+        self.stage = stage
+        self.pending: list[tuple[int, dict[str, torch.Tensor], float, int]] = []
+        self.last: dict[str, float] = {}
+        self.timer = time.perf_counter()
+
+    def add(self, step: int, metrics: dict[str, torch.Tensor], lr: float) -> None:
+        self.pending.append((step, metrics, lr, self.run.trainer.tokens))
+
+    def due(self) -> bool:
+        return len(self.pending) >= self.READ_EVERY
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        run, stage = self.run, self.stage
+        keys = sorted(self.pending[0][1])
+        table = torch.stack([torch.stack([m[k].reshape(()) for k in keys]) for _, m, _, _ in self.pending])
+        table = dist_utils.mean_tensor_over_ranks(table, run.ctx).tolist()
+        now = time.perf_counter()
+        rate = stage.tokens_per_step * len(self.pending) / max(now - self.timer, 1e-9)
+        self.timer = now
+        for (step, _, lr, tokens), row in zip(self.pending, table):
+            values = dict(zip(keys, row))
+            loss, grad_norm = values.get("loss", float("nan")), values["grad_norm"]
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                run._stop_on_nonfinite(stage, step, loss, grad_norm)
+            self.last = {**values, "lr": lr, "tokens": tokens, "tokens_per_s": rate}
+            if step % run.config.log_every == 0 or step == self.pending[-1][0]:
+                run.writer.write(step, {"stage": stage.name, **self.last})
+        run.progress.update(stage.tokens_per_step * len(self.pending), loss=self.last["loss"], lr=self.last["lr"])
+        self.pending = []
 
 
 def _seed_everything(seed: int) -> None:

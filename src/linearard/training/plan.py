@@ -33,6 +33,8 @@ DEMO_ROPE = ("linear", 4.0)
 _CAPTURING = ("ard", "attention")
 _LOGITS = ("cpt", "logits")
 _LOGIT_CHUNK = 1024  # positions per LM-head chunk in linearard.objectives.language
+# The default optimizer step on a GPU, about the paper's (4.25M tokens in 144 steps).
+GPU_TOKENS_PER_STEP = 32768
 
 
 @dataclass
@@ -44,6 +46,8 @@ class Stage:
     seq_len: int
     steps: int
     tokens_per_step: int
+    batch_size: int  # blocks per micro-batch on each process
+    grad_accum: int  # micro-batches per optimizer step
 
     @property
     def tokens(self) -> int:
@@ -139,7 +143,9 @@ class Plan:
         for i, st in enumerate(self.stages, 1):
             lines.append(
                 f"    {i}. {st.name:<8} {st.objective:<10} blocks of {st.seq_len} tokens, {st.steps} steps x "
-                f"{st.tokens_per_step} tokens = {_count(st.tokens)} tokens"
+                f"{st.tokens_per_step} tokens = {_count(st.tokens)} tokens "
+                f"({st.batch_size} block(s) per micro-batch x {st.grad_accum} per step"
+                + (f" x {self.world_size} processes)" if self.world_size > 1 else ")")
             )
         budget = f"  tokens     {_count(self.total_tokens)} in all (budget {_count(c.max_tokens)})"
         if self.corpus_tokens:
@@ -161,31 +167,94 @@ def resolve_scaling(config: RestoreConfig, model_config: Any) -> RopeScaling:
     return RopeScaling.resolve(model_config, rope_type, factor, target)
 
 
-def plan_stages(config: RestoreConfig, scaling: RopeScaling, world_size: int) -> list[Stage]:
-    """Split the token budget into the restore stage and the optional next-token stage.
+def plan_stages(
+    config: RestoreConfig, scaling: RopeScaling, shape: ModelShape, *, world_size: int, device: str, bf16: bool
+) -> list[Stage]:
+    """Split the token budget into the restore stage and the optional next-token stage, and each
+    stage's optimizer step into micro-batches.
+
+    Every stage takes the same number of tokens per optimizer step, whatever its block length: a
+    step of 32K tokens is 32 blocks of 1K or one block of 32K. Blocks that the memory estimate does
+    not fit into one micro-batch are accumulated.
 
     Raises:
-        UserError: a block length above the student's length, or a budget too small for one step.
+        UserError: a block length above the student's length, a budget too small for one step, or
+            batch settings that contradict ``tokens_per_step``.
     """
     _check_length("--seq-len", config.seq_len, scaling)
-    per_block = config.batch_size * config.grad_accum * world_size
-    stages = [_stage("restore", config.objective, config.seq_len, config.max_tokens - config.cpt_tokens, per_block)]
+    step_tokens = tokens_per_step(config, world_size, device)
+    lengths = [("restore", config.objective, config.seq_len, config.max_tokens - config.cpt_tokens)]
     if config.cpt_tokens:
         cpt_len = config.cpt_seq_len or scaling.target_length
         _check_length("--cpt-seq-len", cpt_len, scaling)
-        stages.append(_stage("cpt", "cpt", cpt_len, config.cpt_tokens, per_block))
+        lengths.append(("cpt", "cpt", cpt_len, config.cpt_tokens))
+    stages = []
+    for name, objective, seq_len, budget in lengths:
+        def fits(batch: int, objective: str = objective, seq_len: int = seq_len) -> bool:
+            parts = _stage_memory(config, shape, objective, seq_len, batch, bf16)
+            return _fixed_memory(config, shape, world_size) + sum(parts.values()) <= _memory_budget(device)
+
+        batch, accum = _micro_batches(config, step_tokens, seq_len, world_size, fits)
+        stages.append(_stage(name, objective, seq_len, budget, batch, accum, world_size))
     return stages
 
 
-def _stage(name: str, objective: str, seq_len: int, budget: int, blocks_per_step: int) -> Stage:
-    per_step = seq_len * blocks_per_step
+def tokens_per_step(config: RestoreConfig, world_size: int, device: str) -> int:
+    """The optimizer step's token count asked for: given, implied by the batch settings, or the default."""
+    if config.tokens_per_step:
+        return config.tokens_per_step
+    if device.startswith("cuda") and config.batch_size is None and config.grad_accum is None:
+        return GPU_TOKENS_PER_STEP
+    return config.seq_len * (config.batch_size or 1) * (config.grad_accum or 1) * world_size
+
+
+def _micro_batches(
+    config: RestoreConfig, step_tokens: int, seq_len: int, world_size: int, fits: Any
+) -> tuple[int, int]:
+    """(blocks per micro-batch, micro-batches per step) on each process for one stage."""
+    blocks = max(1, step_tokens // (seq_len * world_size))
+    batch, accum = config.batch_size, config.grad_accum
+    if batch and accum:
+        if config.tokens_per_step and batch * accum * seq_len * world_size != config.tokens_per_step:
+            raise UserError(
+                f"--tokens-per-step {config.tokens_per_step} contradicts --batch-size {batch} x --grad-accum "
+                f"{accum} x {seq_len}-token blocks x {world_size} process(es); give the token count or the two "
+                "batch settings"
+            )
+        return batch, accum
+    if batch:
+        return batch, math.ceil(blocks / batch)
+    if accum:
+        return math.ceil(blocks / accum), accum
+    batch = blocks
+    while batch > 1 and not fits(batch):
+        batch = math.ceil(batch / 2)
+    accum = math.ceil(blocks / batch)
+    return math.ceil(blocks / accum), accum
+
+
+def _memory_budget(device: str) -> int:
+    """Bytes a micro-batch may fill: 80% of the GPU (the estimate leaves out the allocator's slack),
+    or half of the host's memory on the CPU."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(0.8 * torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def _stage(
+    name: str, objective: str, seq_len: int, budget: int, batch: int, accum: int, world_size: int
+) -> Stage:
+    per_step = seq_len * batch * accum * world_size
     steps = budget // per_step
     if steps < 1:
         raise UserError(
-            f"the {name} stage's budget of {budget} tokens is less than one optimizer step "
-            f"({per_step} tokens = block length x batch size x grad accumulation x processes)"
+            f"the {name} stage's budget of {budget} tokens is less than one optimizer step of {per_step} tokens "
+            f"({batch} x {accum} blocks of {seq_len} x {world_size} process(es)); lower --tokens-per-step"
         )
-    return Stage(name, objective, seq_len, steps, per_step)
+    return Stage(name, objective, seq_len, steps, per_step, batch, accum)
 
 
 def _check_length(flag: str, length: int, scaling: RopeScaling) -> None:
@@ -199,36 +268,52 @@ def estimate_memory(
     config: RestoreConfig, shape: ModelShape, stages: list[Stage], *, world_size: int, bf16: bool
 ) -> MemoryEstimate:
     """Peak bytes per process (see the module docstring for what is counted)."""
-    fsdp = config.strategy == "fsdp"
-    shards = world_size if fsdp else 1
-    weight_bytes = shape.dtype.itemsize if shape.dtype.is_floating_point else 2
-    act = 2 if bf16 else 4
-    parts = {"frozen weights": shape.parameters * weight_bytes // shards}
-    if fsdp and world_size > 1:
-        parts["gathered layers (FSDP)"] = 2 * shape.parameters // max(shape.num_layers, 1) * weight_bytes
-    parts["adapters + grads + AdamW"] = shape.trainable * 16 // shards
-
-    q = shape.num_heads * shape.head_dim
-    kv = shape.num_kv_heads * shape.head_dim
-    per_layer_token = 6 * shape.hidden_size + 3 * (q + 2 * kv) + 4 * shape.intermediate_size
+    parts = _fixed_parts(config, shape, world_size)
     worst: dict[str, int] = {}
     for stage in stages:
-        tokens = config.batch_size * stage.seq_len
-        layers = _distilled_layers(config, shape) if stage.objective.split("+")[0] in _CAPTURING else 0
-        if config.gradient_checkpointing:
-            activations = tokens * act * (shape.num_layers * shape.hidden_size + per_layer_token)
-        else:
-            activations = tokens * act * shape.num_layers * per_layer_token
-        stage_parts = {f"activations ({stage.name})": activations}
-        captures = [n for n in stage.objective.split("+") if n in _CAPTURING]
-        if captures:
-            stage_parts["teacher Q/K/V (distilled layers)"] = tokens * act * layers * (q + 2 * kv)
-        if any(n in _LOGITS for n in stage.objective.split("+")):
-            stage_parts["logits chunk (fp32)"] = 3 * min(_LOGIT_CHUNK, tokens) * shape.vocab_size * 4
+        stage_parts = _stage_memory(config, shape, stage.objective, stage.seq_len, stage.batch_size, bf16)
+        stage_parts = {(f"{k} ({stage.name})" if k == "activations" else k): v for k, v in stage_parts.items()}
         if sum(stage_parts.values()) > sum(worst.values()):
             worst = stage_parts
     parts.update(worst)
     return MemoryEstimate(parts)
+
+
+def _fixed_parts(config: RestoreConfig, shape: ModelShape, world_size: int) -> dict[str, int]:
+    fsdp = config.strategy == "fsdp"
+    shards = world_size if fsdp else 1
+    weight_bytes = shape.dtype.itemsize if shape.dtype.is_floating_point else 2
+    parts = {"frozen weights": shape.parameters * weight_bytes // shards}
+    if fsdp and world_size > 1:
+        parts["gathered layers (FSDP)"] = 2 * shape.parameters // max(shape.num_layers, 1) * weight_bytes
+    parts["adapters + grads + AdamW"] = shape.trainable * 16 // shards
+    return parts
+
+
+def _fixed_memory(config: RestoreConfig, shape: ModelShape, world_size: int) -> int:
+    return sum(_fixed_parts(config, shape, world_size).values())
+
+
+def _stage_memory(
+    config: RestoreConfig, shape: ModelShape, objective: str, seq_len: int, batch: int, bf16: bool
+) -> dict[str, int]:
+    """Bytes of one micro-batch of `batch` blocks of `seq_len` tokens, by part."""
+    act = 2 if bf16 else 4
+    tokens = batch * seq_len
+    q = shape.num_heads * shape.head_dim
+    kv = shape.num_kv_heads * shape.head_dim
+    per_layer_token = 6 * shape.hidden_size + 3 * (q + 2 * kv) + 4 * shape.intermediate_size
+    if config.gradient_checkpointing:
+        activations = tokens * act * (shape.num_layers * shape.hidden_size + per_layer_token)
+    else:
+        activations = tokens * act * shape.num_layers * per_layer_token
+    parts = {"activations": activations}
+    terms = [n.strip() for n in objective.split("+")]
+    if any(n in _CAPTURING for n in terms):
+        parts["teacher Q/K/V (distilled layers)"] = tokens * act * _distilled_layers(config, shape) * (q + 2 * kv)
+    if any(n in _LOGITS for n in terms):
+        parts["logits chunk (fp32)"] = 3 * min(_LOGIT_CHUNK, tokens) * shape.vocab_size * 4
+    return parts
 
 
 def _distilled_layers(config: RestoreConfig, shape: ModelShape) -> int:
@@ -283,7 +368,6 @@ def dry_run_plan(config: RestoreConfig) -> Plan:
     scaling = resolve_scaling(config, model_config)
     check_exportable(model_config, scaling)
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if config.strategy != "none" else 1
-    stages = plan_stages(config, scaling, world_size)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
         model = add_adapters(
@@ -293,6 +377,8 @@ def dry_run_plan(config: RestoreConfig) -> Plan:
     bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
     shape = ModelShape.of(model, model_config)
     shape.dtype = torch.bfloat16 if bf16 else torch.float32  # what a run loads the weights as
+    device = "cuda" if cuda else "cpu"
+    stages = plan_stages(config, scaling, shape, world_size=world_size, device=device, bf16=bf16)
     files = corpus_files(config.data) if config.data else default_corpus_files()
     return Plan(
         config=config,
@@ -302,7 +388,7 @@ def dry_run_plan(config: RestoreConfig) -> Plan:
         corpus_tokens=estimate_corpus_tokens(files, tokenizer),
         stages=stages,
         world_size=world_size,
-        device="cuda" if cuda else "cpu",
+        device=device,
         bf16=bf16,
         memory=estimate_memory(config, shape, stages, world_size=world_size, bf16=bf16),
     )
