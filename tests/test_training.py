@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from linearard.config import build_config
 from linearard.errors import UserError
+from linearard.models.rope import RopeScaling
 from linearard.training import checkpoint as ckpt
 from linearard.training.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 from linearard.training.loop import _Run, restore
@@ -147,7 +148,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(models, corpus,
         calls["n"] += 1
         loss, metrics = original(self, batch)
         if calls["n"] == 3:
-            return loss * float("nan"), {**metrics, "loss": float("nan")}
+            return loss * float("nan"), {**metrics, "loss": torch.tensor(float("nan"))}
         return loss, metrics
 
     monkeypatch.setattr(_Run, "_objective_step", poisoned)
@@ -209,10 +210,11 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_memory_estimate_responds_to_the_settings(models, corpus, tmp_path):
     model = tiny_model("llama")
     shape = ModelShape.of(model, model.config)
-    stages = [Stage("restore", "ard", 4096, 10, 4096)]
+    stages = [Stage("restore", "ard", 4096, 10, 4096, 1, 1)]
 
-    def peak(**kw):
-        return estimate_memory(_config(models, corpus, tmp_path, **kw), shape, stages, world_size=2, bf16=False)
+    def peak(blocks=1, **kw):
+        chosen = [Stage("restore", "ard", 4096, 10, 4096 * blocks, blocks, 1)]
+        return estimate_memory(_config(models, corpus, tmp_path, **kw), shape, chosen, world_size=2, bf16=False)
 
     base = peak()
     assert peak(gradient_checkpointing=True).parts["activations (restore)"] < base.parts["activations (restore)"]
@@ -220,7 +222,37 @@ def test_memory_estimate_responds_to_the_settings(models, corpus, tmp_path):
     assert peak(layers="0").parts["teacher Q/K/V (distilled layers)"] * 2 == (
         base.parts["teacher Q/K/V (distilled layers)"]
     )
-    assert peak(batch_size=2).peak > base.peak
+    assert peak(blocks=2).peak > base.peak
+    assert stages[0].tokens == 40960
+
+
+def test_each_stage_takes_the_same_tokens_per_step_in_micro_batches_that_fit(models, corpus, tmp_path, monkeypatch):
+    from linearard.training import plan
+
+    model = tiny_model("llama")
+    shape = ModelShape.of(model, model.config)
+    scaling = RopeScaling("linear", 4.0, 256, 1024)
+
+    def stages(**kw):
+        cfg = _config(models, corpus, tmp_path, **{"max_tokens": 1 << 20, **kw})
+        return plan.plan_stages(cfg, scaling, shape, world_size=2, device="cpu", bf16=False)
+
+    restore_stage, cpt = stages(seq_len=64, tokens_per_step=4096, cpt_tokens=1 << 19, cpt_seq_len=1024)
+    assert (restore_stage.batch_size, restore_stage.grad_accum, restore_stage.tokens_per_step) == (32, 1, 4096)
+    assert (cpt.batch_size, cpt.grad_accum, cpt.tokens_per_step) == (2, 1, 4096)
+    assert restore_stage.steps == cpt.steps == (1 << 19) // 4096
+    # blocks the memory budget does not fit into one micro-batch are accumulated
+    monkeypatch.setattr(plan, "_memory_budget", lambda device: plan._fixed_memory(
+        _config(models, corpus, tmp_path), shape, 2) + sum(plan._stage_memory(
+            _config(models, corpus, tmp_path), shape, "ard", 64, 8, False).values()))
+    (limited,) = stages(seq_len=64, tokens_per_step=4096)
+    assert (limited.batch_size, limited.grad_accum) == (8, 4)
+    (given,) = stages(seq_len=64, tokens_per_step=4096, batch_size=4)
+    assert (given.batch_size, given.grad_accum) == (4, 8)
+    (cpu_default,) = stages(seq_len=64)
+    assert (cpu_default.batch_size, cpu_default.grad_accum, cpu_default.tokens_per_step) == (1, 1, 128)
+    with pytest.raises(UserError, match="--tokens-per-step 4096 contradicts --batch-size 2 x --grad-accum 2"):
+        stages(seq_len=64, tokens_per_step=4096, batch_size=2, grad_accum=2)
 
 
 @pytest.mark.slow

@@ -1,14 +1,25 @@
-"""`linearard bench restore`: peak memory and time of one restore (ARD) training step against a plain
-LoRA next-token step.
+"""`linearard bench restore`: a restore (ARD) training step against the loop a user would otherwise run.
 
-The question this answers: what does distilling from a teacher that shares the student's weights cost
-over ordinary fine-tuning of the same student? Weights are random (speed and memory do not depend on
-their values), shapes are real: the embedded default (SmolLM2-135M) or a Llama-2-7B-shaped model.
+Three loops train the same student (LoRA on q/k/v, AdamW, bf16 autocast, random weights of a real
+shape) on the same tokens per optimizer step, split into the same micro-batches:
 
-    linearard bench restore --shape smollm2 --lengths 4096,8192
-    linearard bench restore --shape llama2-7b --lengths 4096 --longest 8192,16384,32768
+- ``peft``: plain transformers + peft, next-token loss from ``model(input_ids, labels=...)`` — the
+  anchor, written as a user would write it, with none of this project's code;
+- ``cpt``: this project's next-token objective (chunked LM head);
+- ``ard``: this project's relation distillation (teacher forward + student forward, no LM head).
 
-Each case runs in a fresh CUDA state; rows (with GPU name and versions) go to --output as JSON.
+Each loop runs eager and compiled (``--compile``: the anchor as ``torch.compile(model)``, ours as
+`linearard.models.teacher_student.compile_layers`). Rows report the optimizer step's median time,
+tokens/s, peak memory and the first step's time (compilation included). The micro-batch is what
+`linearard restore` would choose for the tokens per step (its memory estimate), unless given.
+
+``--end-to-end MODEL_DIR`` also times a real `linearard restore` run on a model folder (data,
+logging, a checkpoint and the held-out evaluation included; random weights of the shape are fine).
+
+    linearard bench restore --shape smollm2 --seq-len 1024 --tokens-per-step 32768 --compile both
+    linearard bench restore --shape llama2-7b --seq-len 4096 --tokens-per-step 32768
+
+Rows (with GPU name and versions) go to --output as JSON.
 """
 
 from __future__ import annotations
@@ -23,11 +34,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from linearard.config import build_config
 from linearard.errors import UserError
 from linearard.models.adapters import add_adapters, trainable_parameters
 from linearard.models.rope import RopeScaling
-from linearard.models.teacher_student import TeacherStudent
+from linearard.models.teacher_student import TeacherStudent, compile_layers
 from linearard.objectives import build_objective
+from linearard.training.plan import ModelShape, plan_stages
 
 SHAPES = {
     "smollm2": dict(
@@ -41,72 +54,153 @@ SHAPES = {
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
 }
+LOOPS = ("peft", "cpt", "ard")
 
 
-def build(shape: str, rank: int, checkpointing: bool) -> TeacherStudent:
+def _base_model(shape: str) -> torch.nn.Module:
     config = LlamaConfig(**SHAPES[shape])
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model = add_adapters(model, "lora", rank=rank, alpha=2 * rank)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    native = config.max_position_embeddings
-    return TeacherStudent(model, RopeScaling("linear", 4.0, native, 4 * native))
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
 
 
-def time_steps(ts: TeacherStudent, objective_name: str, length: int, steps: int) -> dict:
-    objective = build_objective(objective_name)
-    params = trainable_parameters(ts.model)
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    vocab = ts.config.vocab_size
-    times = []
-    torch.cuda.synchronize()
+class _PeftLoop:
+    """The anchor: what a user writes with transformers and peft alone."""
+
+    def __init__(self, shape: str, rank: int, checkpointing: bool, compiled: bool):
+        from peft import LoraConfig, get_peft_model
+
+        model = _base_model(shape)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj"])
+        self.model = get_peft_model(model, lora)
+        self.model.train()
+        self.forward = torch.compile(self.model) if compiled else self.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.forward(input_ids=ids, labels=ids).loss
+
+
+class _OurLoop:
+    """This project's objective on the shared-weight teacher/student pair."""
+
+    def __init__(self, shape: str, objective: str, rank: int, checkpointing: bool, compiled: bool):
+        model = add_adapters(_base_model(shape), "lora", rank=rank, alpha=2 * rank)
+        for p in trainable_parameters(model):
+            p.data = p.data.float()  # as `linearard restore` keeps them
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        native = SHAPES[shape]["max_position_embeddings"]
+        self.ts = TeacherStudent(model, RopeScaling("linear", 4.0, native, 4 * native))
+        if compiled:
+            compile_layers(self.ts)
+        self.objective = build_objective(objective)
+        self.params = trainable_parameters(model)
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.objective.run(self.ts, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]
+
+
+def micro_batches(shape: str, loop: str, seq_len: int, tokens_per_step: int, rank: int, checkpointing: bool
+                  ) -> tuple[int, int]:
+    """(blocks per micro-batch, micro-batches per step) as `linearard restore` would choose them."""
+    config = build_config(flags=dict(
+        seq_len=seq_len, tokens_per_step=tokens_per_step, max_tokens=max(tokens_per_step, 40_000),
+        objective="cpt" if loop == "peft" else loop, lora_rank=rank, gradient_checkpointing=checkpointing,
+        rope_type="linear", rope_factor=4.0,
+    ))
+    with torch.device("meta"):
+        model = add_adapters(
+            AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=torch.bfloat16), "lora", rank=rank
+        )
+    native = SHAPES[shape]["max_position_embeddings"]
+    shape_ = ModelShape.of(model, model.config)
+    (stage,) = plan_stages(config, RopeScaling("linear", 4.0, native, 4 * native), shape_, world_size=1,
+                           device="cuda", bf16=True)
+    return stage.batch_size, stage.grad_accum
+
+
+def time_loop(args: argparse.Namespace, loop: str, compiled: bool, batch: int, accum: int) -> dict:
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    for i in range(steps + 2):  # two warm-up steps
-        ids = torch.randint(0, vocab, (1, length), device="cuda")
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        loss, _ = objective(ts, batch)
-        loss.backward()
+    runner = (_PeftLoop(args.shape, args.rank, args.checkpointing, compiled) if loop == "peft"
+              else _OurLoop(args.shape, loop, args.rank, args.checkpointing, compiled))
+    optimizer = torch.optim.AdamW(runner.params, lr=1e-5)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    times = []
+    for _ in range(args.steps + 2):  # two warm-up steps (the first compiles)
+        ids = [torch.randint(0, vocab, (batch, args.seq_len), device="cuda") for _micro in range(accum)]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for micro in ids:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = runner.loss(micro)
+            (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(runner.params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        end.record()
         torch.cuda.synchronize()
-        if i >= 2:
-            times.append(start.elapsed_time(end))
-    ms = statistics.median(times)
+        times.append(time.perf_counter() - start)
+    tokens = batch * accum * args.seq_len
+    ms = statistics.median(times[2:]) * 1000
     return {
         "step_ms": round(ms, 2),
-        "tokens_per_s": round(length / ms * 1000, 1),
+        "tokens_per_s": round(tokens / ms * 1000),
+        "first_step_s": round(times[0], 2),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-        "peak_extra_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 3),
-        "loss": float(loss.detach()),
+        "loss": round(float(loss.detach()), 5),
     }
 
 
-def run_case(shape: str, objective: str, length: int, rank: int, checkpointing: bool, steps: int) -> dict:
-    row = {"shape": shape, "objective": objective, "tokens": length, "lora_rank": rank,
-           "checkpointing": checkpointing}
+def run_case(args: argparse.Namespace, loop: str, compiled: bool, batch: int, accum: int) -> dict:
+    row = {"shape": args.shape, "loop": loop, "compiled": compiled, "seq_len": args.seq_len,
+           "blocks_per_micro_batch": batch, "micro_batches": accum, "tokens_per_step": batch * accum * args.seq_len,
+           "lora_rank": args.rank, "checkpointing": args.checkpointing}
     try:
-        ts = build(shape, rank, checkpointing)
-        row.update(time_steps(ts, objective, length, steps))
+        row.update(time_loop(args, loop, compiled, batch, accum))
     except torch.cuda.OutOfMemoryError:
         row["oom"] = True
-    finally:
-        ts = None
-        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
     return row
 
 
+def end_to_end(args: argparse.Namespace) -> dict:
+    """A real `linearard restore` run: data, logging, one checkpoint, held-out evaluation, no export."""
+    from linearard.training.loop import restore
+
+    flags = dict(model=args.end_to_end, seq_len=args.seq_len, tokens_per_step=args.tokens_per_step,
+                 max_tokens=args.e2e_tokens, output=str(args.e2e_output), save_every=0, export=False,
+                 rope_type="linear", rope_factor=4.0, gradient_checkpointing=args.checkpointing)
+    if args.data:
+        flags["data"] = [args.data]
+    rows = {}
+    for compiled in _compile_choices(args):
+        flags["compile"] = compiled
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = restore(build_config(flags={**flags, "output": f"{args.e2e_output}-{int(compiled)}"}),
+                         log=lambda _: None)
+        seconds = time.perf_counter() - start
+        rows["compiled" if compiled else "eager"] = {
+            "tokens": result.tokens, "steps": result.steps, "train_s": round(result.train_seconds, 2),
+            "train_tokens_per_s": round(result.tokens / result.train_seconds),
+            "total_s": round(seconds, 2), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+            "perplexity": result.perplexity,
+        }
+        print(json.dumps({"end_to_end": rows}), flush=True)
+        torch._dynamo.reset()
+    return rows
+
+
 def environment() -> dict:
+    import peft
     import transformers
 
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "python": platform.python_version(),
-           "date": time.strftime("%Y-%m-%d")}
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "peft": peft.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
     try:
         import triton
 
@@ -116,38 +210,66 @@ def environment() -> dict:
     return env
 
 
+def _compile_choices(args: argparse.Namespace) -> list[bool]:
+    return {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
-    parser.add_argument("--lengths", default="4096,8192", help="block lengths to compare ARD vs next-token at")
-    parser.add_argument("--longest", default="", help="with checkpointing, ARD lengths to try until one fails")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per block")
+    parser.add_argument("--tokens-per-step", type=int, default=32768, help="tokens per optimizer step")
+    parser.add_argument("--micro-batch", type=int, default=0,
+                        help="blocks per micro-batch (default: as linearard restore chooses for ARD)")
+    parser.add_argument("--loops", default=",".join(LOOPS), help=f"which loops: {', '.join(LOOPS)}")
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="both")
     parser.add_argument("--rank", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--checkpointing", action="store_true", help="also compare with gradient checkpointing")
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps after two warm-up steps")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every loop")
+    parser.add_argument("--end-to-end", metavar="MODEL_DIR", help="also time `linearard restore` on this model")
+    parser.add_argument("--data", help="training text for --end-to-end (default: the built-in corpus)")
+    parser.add_argument("--e2e-tokens", type=int, default=4_250_000, help="budget of the --end-to-end run")
+    parser.add_argument("--e2e-output", type=Path, default=Path("bench-restore-run"))
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
 
 
 def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise UserError("this benchmark needs a CUDA GPU")
+    if args.micro_batch:
+        blocks = max(1, args.tokens_per_step // args.seq_len)
+        batch, accum = args.micro_batch, -(-blocks // args.micro_batch)
+    else:
+        batch, accum = micro_batches(args.shape, "ard", args.seq_len, args.tokens_per_step, args.rank,
+                                     args.checkpointing)
     rows = []
-    for ckpt in [False, True] if args.checkpointing else [False]:
-        for length in [int(x) for x in args.lengths.split(",") if x]:
-            for objective in ("cpt", "ard"):
-                rows.append(run_case(args.shape, objective, length, args.rank, ckpt, args.steps))
-                print(json.dumps(rows[-1]), flush=True)
-            plain, ard = rows[-2], rows[-1]
-            if "oom" not in plain and "oom" not in ard:
-                ard["memory_vs_next_token"] = round(ard["peak_gib"] / plain["peak_gib"], 3)
-                ard["time_vs_next_token"] = round(ard["step_ms"] / plain["step_ms"], 3)
-                print(f"{args.shape} T={length} ckpt={ckpt}: ARD/next-token memory "
-                      f"{ard['memory_vs_next_token']}x, time {ard['time_vs_next_token']}x", flush=True)
-    for length in [int(x) for x in args.longest.split(",") if x]:
-        rows.append(run_case(args.shape, "ard", length, args.rank, True, max(2, args.steps // 2)))
-        print(json.dumps(rows[-1]), flush=True)
-        if rows[-1].get("oom"):
-            break
+    for compiled in _compile_choices(args):
+        for loop in [x.strip() for x in args.loops.split(",") if x.strip()]:
+            rows.append(run_case(args, loop, compiled, batch, accum))
+            print(json.dumps(rows[-1]), flush=True)
+    for row in rows:
+        anchor = next((r for r in rows if r["loop"] == "peft" and r["compiled"] == row["compiled"]), None)
+        if anchor and row is not anchor and "oom" not in row and "oom" not in anchor:
+            row["time_vs_peft"] = round(row["step_ms"] / anchor["step_ms"], 3)
+            row["memory_vs_peft"] = round(row["peak_gib"] / anchor["peak_gib"], 3)
+    report = {"environment": environment(), "rows": rows}
+    if args.end_to_end:
+        report["end_to_end"] = end_to_end(args)
+    print(_table(rows), flush=True)
     args.output.mkdir(parents=True, exist_ok=True)
-    out = args.output / f"restore_step_{args.shape}_{torch.cuda.get_device_name().replace(' ', '_')}.json"
-    out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1) + "\n")
+    gpu = torch.cuda.get_device_name().replace(" ", "_")
+    out = args.output / f"restore_step_{args.shape}_{args.seq_len}_{gpu}.json"
+    out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["loop  compiled  blocks x micro  step ms  tokens/s  peak GiB  first step s  vs peft (time, memory)"]
+    for r in rows:
+        if r.get("oom"):
+            lines.append(f"{r['loop']:<5} {r['compiled']!s:<9} out of memory")
+            continue
+        ratio = f"{r.get('time_vs_peft', '')} {r.get('memory_vs_peft', '')}"
+        lines.append(f"{r['loop']:<5} {r['compiled']!s:<9} {r['blocks_per_micro_batch']:>6} x {r['micro_batches']:<5} "
+                     f"{r['step_ms']:>8} {r['tokens_per_s']:>9} {r['peak_gib']:>9} {r['first_step_s']:>12}  {ratio}")
+    return "\n".join(lines)

@@ -9,6 +9,7 @@ far ahead the thread has run.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from typing import Any
@@ -66,10 +67,8 @@ class MicroBatches:
     def close(self) -> None:
         self._stop.set()
         while self._thread.is_alive():
-            try:  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):  # unblock a producer waiting on a full queue
                 self._queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
 
     def _produce(self) -> None:
         try:

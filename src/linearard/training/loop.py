@@ -42,6 +42,7 @@ from linearard.models.load import load_model
 from linearard.models.teacher_student import TeacherStudent, compile_layers
 from linearard.objectives import build_objective
 from linearard.training import distributed as dist_utils
+from linearard.training.batches import MicroBatches
 from linearard.training.checkpoint import (
     TrainerState,
     latest_checkpoint,
@@ -51,7 +52,6 @@ from linearard.training.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from linearard.training.batches import MicroBatches
 from linearard.training.distributed import DistContext
 from linearard.training.metrics import MetricsWriter, Progress
 from linearard.training.plan import (
@@ -87,6 +87,7 @@ class RestoreResult:
     steps: int
     tokens: int
     seconds: float
+    train_seconds: float = 0.0
     last_metrics: dict[str, float] = field(default_factory=dict)
     perplexity: dict[str, float] = field(default_factory=dict)
     export: Path | None = None
@@ -167,6 +168,7 @@ class _Run:
             plan.total_tokens, self.trainer.tokens, enabled=ctx.is_main, description=plan.stages[0].name
         )
         last: dict[str, float] = {}
+        training = time.perf_counter()
         try:
             for index, stage in enumerate(plan.stages):
                 if index < self.trainer.stage:
@@ -180,7 +182,8 @@ class _Run:
             self.writer.close()
 
         result = RestoreResult(
-            self.output, plan, self._global_step(), self.trainer.tokens, 0.0, last, main_process=ctx.is_main
+            self.output, plan, self._global_step(), self.trainer.tokens, 0.0, time.perf_counter() - training, last,
+            main_process=ctx.is_main,
         )
         if config.eval:
             result.perplexity = self._evaluate()
