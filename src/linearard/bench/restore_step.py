@@ -143,6 +143,8 @@ def time_loop(args: argparse.Namespace, loop: str, compiled: bool, batch: int, a
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    if args.profile:
+        _profile_step(args, runner, optimizer, ids, f"{loop}_{'compiled' if compiled else 'eager'}")
     tokens = batch * accum * args.seq_len
     ms = statistics.median(times[2:]) * 1000
     return {
@@ -152,6 +154,24 @@ def time_loop(args: argparse.Namespace, loop: str, compiled: bool, batch: int, a
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
         "loss": round(float(loss.detach()), 5),
     }
+
+
+def _profile_step(args: argparse.Namespace, runner, optimizer, ids: list[torch.Tensor], name: str) -> None:
+    """Where one optimizer step's device time goes: the kernels by total time, as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for micro in ids:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = runner.loss(micro)
+            (loss / len(ids)).backward()
+        torch.nn.utils.clip_grad_norm_(runner.params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    args.profile.mkdir(parents=True, exist_ok=True)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    (args.profile / f"profile_{args.shape}_{args.seq_len}_{name}.txt").write_text(table)
 
 
 def run_case(args: argparse.Namespace, loop: str, compiled: bool, batch: int, accum: int) -> dict:
@@ -229,6 +249,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="training text for --end-to-end (default: the built-in corpus)")
     parser.add_argument("--e2e-tokens", type=int, default=4_250_000, help="budget of the --end-to-end run")
     parser.add_argument("--e2e-output", type=Path, default=Path("bench-restore-run"))
+    parser.add_argument("--profile", type=Path, help="write each loop's kernel profile of one step to this folder")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
 
 
