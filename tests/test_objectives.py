@@ -144,6 +144,8 @@ def test_relations_of_a_layer_share_one_call_per_head_dim():
     teachers = [torch.randn(*s, generator=gen) for s in shapes]
     groups = _head_groups(students)
     assert groups == [[0, 1], [2]]
+    large = [torch.empty(4, 1, 2048, 16)] * 3  # micro-batches of 8K tokens and more: one call per relation
+    assert _head_groups(large) == [[0], [1], [2]]
     stacked = [relation_kl(s, t, reduction="none")
                for s, t in zip(_stack_heads(students, groups), _stack_heads(teachers, groups))]
     (torch.cat(stacked, dim=1) ** 2).sum().backward()
@@ -155,6 +157,23 @@ def test_relations_of_a_layer_share_one_call_per_head_dim():
     torch.testing.assert_close(torch.cat(stacked, dim=1), torch.cat(separate, dim=1))
     for a, x in zip(joined, students):
         torch.testing.assert_close(a, x.grad)
+
+
+@pytest.mark.parametrize("spec", ["ard", "cpt", "logits", "hidden", "attention"])
+def test_right_padded_batches_train_the_same_without_a_mask_in_the_forward(spec):
+    model, ts = make_pair()
+    randomise_lora_b(model)
+    batch = make_batch(pad="right")
+    results = []
+    for promise in (False, True):
+        model.zero_grad()
+        loss, _ = build_objective(spec)(ts, {**batch, "padded_right": promise})
+        loss.backward()
+        results.append((loss.detach(), grads(model)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-7)
 
 
 def test_ard_scale_option_uses_the_attention_scaling():

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, TypedDict
 
 import torch
+from typing_extensions import NotRequired
 
 from linearard.errors import UserError
 
@@ -26,12 +27,18 @@ if TYPE_CHECKING:
 class Batch(TypedDict):
     """One micro-batch. ``attention_mask`` is 1 for real tokens and 0 for padding.
 
+    ``padded_right`` (optional) promises that padding only ever ends a row, as in training blocks. The
+    model forwards then get no mask: causal attention never reads a later position, so the real
+    positions' outputs are the same without it, and every objective leaves out the padding itself.
+    Without a mask, attention takes its fastest causal kernels and needs no host-side mask check.
+
     Shape:
         input_ids: [B, T] (long); attention_mask: [B, T] (long or bool).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    padded_right: NotRequired[bool]
 
 
 Metrics = dict[str, torch.Tensor]
@@ -89,7 +96,8 @@ def run_steps(
     ts: TeacherStudent, batch: Batch, steps: Sequence[Step]
 ) -> list[tuple[torch.Tensor, Metrics]]:
     """One teacher forward (if any step needs it) and one student forward serving every step."""
-    input_ids, mask = batch["input_ids"], attention_mask(batch)
+    input_ids = batch["input_ids"]
+    mask = None if batch.get("padded_right") else attention_mask(batch)
     teacher: HiddenStates = {}
     if any(s.needs_teacher for s in steps):
         wanted = frozenset().union(*(s.teacher_hidden for s in steps))
@@ -195,7 +203,7 @@ def _capture(ts: TeacherStudent, hooks: list[Callable]) -> contextlib.AbstractCo
 
 
 def _forward(
-    ts: TeacherStudent, input_ids: torch.Tensor, mask: torch.Tensor, wanted: frozenset[int]
+    ts: TeacherStudent, input_ids: torch.Tensor, mask: torch.Tensor | None, wanted: frozenset[int]
 ) -> HiddenStates:
     # Through the whole model, so wrappers around it (peft, data-parallel) see a forward; but with the
     # LM head on the last position only: objectives that need logits apply the head themselves, in

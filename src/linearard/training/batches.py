@@ -58,7 +58,8 @@ class MicroBatches:
         if isinstance(item, BaseException):
             raise item
         batch, self._position = item
-        return {k: v.to(self.device, non_blocking=self._pin) for k, v in batch.items()}
+        # token blocks are padded at the end only (see `linearard.objectives.Batch`)
+        return {**{k: v.to(self.device, non_blocking=self._pin) for k, v in batch.items()}, "padded_right": True}
 
     def state_dict(self) -> dict[str, Any]:
         """The data position after the last micro-batch returned."""
