@@ -57,7 +57,9 @@ def _capturing_attention(module: nn.Module, query, key, value, attention_mask, *
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    _deliver(kwargs.pop(_CALLBACK_KWARG, None), module, query, key, value, scaling)
+    callback = kwargs.pop(_CALLBACK_KWARG, None)
+    if callback is not None:  # a graph break under compilation, only in forwards that capture
+        _deliver(callback, module, query, key, value, scaling)
     inner = module.config._attn_implementation.removeprefix(_PREFIX)
     if inner == "eager":
         fn = sys.modules[type(module).__module__].eager_attention_forward
@@ -67,15 +69,28 @@ def _capturing_attention(module: nn.Module, query, key, value, attention_mask, *
 
 
 @torch.compiler.disable
-def _deliver(callback: LayerCallback | None, module: nn.Module, query, key, value, scaling) -> None:
-    # Outside any compiled graph: the callback is a new closure every step, and a compiled layer must
-    # not look at it (that would add a guard on it and recompile every step), nor at the layer index
-    # (one graph serves every layer).
-    if callback is not None:
-        callback(module.layer_idx, AttentionInputs(query, key, value, float(scaling)))
+def _deliver(callback: _Capture, module: nn.Module, query, key, value, scaling) -> None:
+    # Outside any compiled graph: a compiled layer must not read the layer index (one graph serves
+    # every layer) nor trace the objective's code.
+    callback(module.layer_idx, AttentionInputs(query, key, value, float(scaling)))
 
 
-def compile_layers(ts: TeacherStudent) -> None:
+class _Capture:
+    """The callback that attention calls receive: one object for the model's lifetime (a compiled layer
+    checks its identity, so a new closure every step would recompile it every step), which calls the
+    function of the newest `TeacherStudent.capture` block. A layer that gradient checkpointing
+    recomputes during backward, after its block has closed, reaches that block's function again: the
+    student's, whose forward is the last before backward."""
+
+    def __init__(self) -> None:
+        self.fn: LayerCallback | None = None
+
+    def __call__(self, layer: int, inputs: AttentionInputs) -> None:
+        if self.fn is not None:
+            self.fn(layer, inputs)
+
+
+def compile_layers(ts: TeacherStudent, backend: str = "inductor") -> None:
     """Compile each decoder layer in place with `torch.compile` (the modules keep their identity, so
     adapters, data-parallel wrappers and checkpoints see the same model).
 
@@ -83,7 +98,7 @@ def compile_layers(ts: TeacherStudent) -> None:
     and the student compile once each. The capture of Q/K/V runs between two graphs of a layer.
     """
     for layer in ts.decoder.layers:
-        layer.compile(dynamic=False)
+        layer.compile(dynamic=False, backend=backend)
 
 
 def _register(inner: str) -> str:
@@ -151,6 +166,7 @@ class TeacherStudent:
         self.native_rope = self.decoder.rotary_emb
         self.student_config = scaled_config(self.decoder.config, scaling)
         self.student_rope = StudentRope(self.native_rope, self.student_config, scaling)
+        self._callback = _Capture()
         # Installed for good, not per capture: gradient checkpointing recomputes layers during backward,
         # after the capture block has closed, and must reach it again. Without a callback it only delegates.
         config = self.decoder.config
@@ -180,8 +196,10 @@ class TeacherStudent:
     def capture(self, fn: LayerCallback) -> Iterator[None]:
         """Call ``fn(layer_idx, AttentionInputs)`` inside every attention call of the block."""
 
+        self._callback.fn = fn
+
         def add_callback(module, args, kwargs):
-            return args, {**kwargs, _CALLBACK_KWARG: fn}
+            return args, {**kwargs, _CALLBACK_KWARG: self._callback}
 
         handle = self.decoder.register_forward_pre_hook(add_callback, with_kwargs=True)
         try:

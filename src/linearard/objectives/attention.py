@@ -38,7 +38,6 @@ _TENSOR = {"q": "query", "k": "key", "v": "value"}
 SCALES = ("head_dim", "attention")
 KV_NORMS = ("kv_heads", "query_heads")
 LAYER_REDUCTIONS = ("mean", "sum")
-_JOIN_BELOW_TOKENS = 8192
 
 # What a step keeps of the teacher's attention inputs of one layer, and how it scores the student's
 # inputs of that layer against it: (student inputs, kept) -> one KL per component.
@@ -265,11 +264,7 @@ class _PerLayerStep(Step):
 
 
 def _head_groups(xs: Sequence[torch.Tensor]) -> list[list[int]]:
-    """Indices of `xs` that share one kernel call: same head dim and dtype, in first-seen order, and only
-    for micro-batches of fewer than `_JOIN_BELOW_TOKENS` tokens (above, each relation's grid fills the
-    GPU on its own, and joining would only copy the tensors: 8% of a 32K-token step on SmolLM2)."""
-    if xs[0].shape[0] * xs[0].shape[2] >= _JOIN_BELOW_TOKENS:
-        return [[i] for i in range(len(xs))]
+    """Indices of `xs` that can share one kernel call: same head dim and dtype, in first-seen order."""
     groups: dict[tuple, list[int]] = {}
     for i, x in enumerate(xs):
         groups.setdefault((x.shape[-1], x.dtype), []).append(i)
