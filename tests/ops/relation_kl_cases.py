@@ -218,3 +218,39 @@ def check_self_relation(impl: str, dtype: torch.dtype, device: str = "cpu") -> N
     base = max_error(grad_of(x_s, x_t, plain), ref)
     tiny = 1e-6 if dtype == torch.float32 else 1e-5
     assert err <= 2 * base + tiny * (1 + ref.abs().max().item()), f"{impl} {dtype}: {err:.3g} vs plain {base:.3g}"
+
+
+def _student_and_teacher(impl: str, device: str = "cpu"):
+    """A function like one layer of the training objective: projections, then two relation terms."""
+    batch, length, width, heads, kv_heads, dim = 2, 13, 16, 4, 2, 8
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(batch, length, width, generator=gen).to(device)
+    w_q = torch.randn(width, heads * dim, generator=gen).to(device).requires_grad_(True)
+    w_k = torch.randn(width, kv_heads * dim, generator=gen).to(device).requires_grad_(True)
+    q_t = torch.randn(batch, heads, length, 12, generator=gen).to(device)
+    k_t = torch.randn(batch, 1, length, 12, generator=gen).to(device)
+    mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    mask[1, :4] = 0
+
+    def loss(hidden, w_q, w_k, q_t, k_t, mask):
+        q_s = (hidden @ w_q).view(batch, length, heads, dim).transpose(1, 2)
+        k_s = (hidden @ w_k).view(batch, length, kv_heads, dim).transpose(1, 2)
+        attention = attention_kl(q_s, k_s, q_t, k_t, attention_mask=mask, impl=impl)
+        keys = relation_kl(k_s, k_t.expand(-1, kv_heads, -1, -1), attention_mask=mask, reduction="sum", impl=impl)
+        return attention + 0.1 * keys
+
+    return loss, (hidden, w_q, w_k, q_t, k_t, mask)
+
+
+def check_compiled(backend, impl: str = "auto", device: str = "cpu", rtol: float = 1e-5) -> None:
+    """`torch.compile(fullgraph=True)` of a layer-like loss: no graph break; value and gradients as eager."""
+    loss, inputs = _student_and_teacher(impl, device)
+    params = inputs[1:3]
+    expected = loss(*inputs)
+    expected_grads = torch.autograd.grad(expected, params)
+    compiled = torch.compile(loss, fullgraph=True, backend=backend)
+    got = compiled(*inputs)
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, expected, rtol=rtol / 10, atol=0)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=rtol, atol=rtol / 100)

@@ -5,6 +5,7 @@ import torch
 from relation_kl_cases import (
     CASES,
     Case,
+    check_compiled,
     check_deterministic,
     check_flash_rule,
     check_nan_propagation,
@@ -62,3 +63,8 @@ def test_auto_uses_triton_on_cuda():
 
 def test_self_relation():
     check_self_relation("triton", torch.bfloat16, "cuda")
+
+
+def test_compiled_with_inductor_matches_eager():
+    torch._dynamo.reset()
+    check_compiled("inductor", "auto", "cuda", rtol=1e-4)

@@ -24,7 +24,7 @@ from relation_kl_cases import (
     check_self_relation,
 )
 
-from linearard import attention_kl
+from linearard import attention_kl, relation_kl
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run with TRITON_INTERPRET=1 (see the module docstring)", allow_module_level=True)
@@ -103,3 +103,34 @@ def test_gradient_for_keys_only():
     k_ref = k_s.detach().double().requires_grad_(True)
     attention_kl(q_s.double(), k_ref, q_t.double(), k_t.double(), attention_mask=mask, impl="naive").backward()
     torch.testing.assert_close(k_s.grad, k_ref.grad.float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("needs", [(True, True), (False, True)], ids=str)
+def test_opcheck(needs):
+    from linearard.ops.triton_kernels import triton_backward, triton_forward
+
+    q_s, k_s, q_t, k_t, mask = INTERPRETER_CASES[1].inputs(torch.float32)
+    settings = (True, 0.3, 0.2)
+    q_s.requires_grad_(True)
+    torch.library.opcheck(triton_forward, (q_s, k_s, q_t, k_t, mask, *settings))
+    kl, lse_s, lse_t = triton_forward(q_s.detach(), k_s, q_t, k_t, mask, *settings)
+    grad = torch.randn_like(kl)
+    torch.library.opcheck(triton_backward, (grad, lse_s, lse_t, q_s.detach(), k_s, q_t, k_t, mask, *settings, *needs))
+
+
+def test_compiled_without_graph_breaks_matches_eager():
+    q_s, k_s, q_t, k_t, mask = INTERPRETER_CASES[1].inputs(torch.float32)
+
+    def loss(q_s, k_s, q_t, k_t, mask):
+        attention = attention_kl(q_s, k_s, q_t, k_t, attention_mask=mask, impl="triton")
+        queries = relation_kl(q_s, q_t, attention_mask=mask, reduction="sum", causal=False, impl="triton")
+        return attention + queries
+
+    params = (q_s.requires_grad_(True), k_s.requires_grad_(True))
+    expected = loss(q_s, k_s, q_t, k_t, mask)
+    expected_grads = torch.autograd.grad(expected, params)
+    got = torch.compile(loss, fullgraph=True, backend="aot_eager")(q_s, k_s, q_t, k_t, mask)
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)

@@ -2,7 +2,9 @@
 
 The forward walks over blocks of query rows, materialising only a [B, Hq, rows, T] slab of logits at
 a time, and keeps the two per-row log-sum-exps for the backward, which recomputes each slab. Both
-accumulate in float32 (float64 for float64 inputs), whatever the input dtype.
+accumulate in float32 (float64 for float64 inputs), whatever the input dtype. They are registered as
+the operators linearard::attention_kl_blocked and linearard::attention_kl_blocked_backward (see
+`linearard.ops.registration`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 from torch import Tensor
 
 from linearard.ops.naive import accumulation_dtype, row_is_valid, valid_pairs
+from linearard.ops.registration import register_relation_kl, skipped_gradient
 
 # Elements of one [B, Hq, rows, cols] slab; a handful of slabs are alive at once. Small on the CPU
 # (4 MB in float32), where the allocator keeps freed chunks; larger on GPUs, where each slab costs a
@@ -56,79 +59,97 @@ def _fill_(slab: Tensor, excluded: tuple | None, value: float) -> Tensor:
     return slab
 
 
-class BlockedAttentionKL(torch.autograd.Function):
-    """Per-row KL(P_t ‖ P_s) with gradients for q_s and k_s; see `attention_kl_blocked`."""
+@torch.library.custom_op("linearard::attention_kl_blocked", mutates_args=())
+def blocked_forward(
+    q_s: Tensor,
+    k_s: Tensor,
+    q_t: Tensor,
+    k_t: Tensor,
+    attention_mask: Tensor | None,
+    causal: bool,
+    scale_s: float,
+    scale_t: float,
+    block_rows: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row KL(P_t ‖ P_s) and the two per-row log-sum-exps (natural log), each [B, Hq, T]."""
+    dtype = accumulation_dtype(q_s, q_t)
+    batch, heads, length, _ = q_s.shape
+    ks, kt = k_s.to(dtype), k_t.to(dtype)
+    rows_ok = row_is_valid(attention_mask, batch, length, q_s.device)
+    kl = torch.zeros(batch, heads, length, dtype=dtype, device=q_s.device)
+    lse_s = torch.empty_like(kl)
+    lse_t = torch.empty_like(kl)
+    for start in range(0, length, block_rows):
+        rows = slice(start, min(start + block_rows, length))
+        n_cols = rows.stop if causal else length
+        excluded = _excluded(attention_mask, rows, n_cols, causal, q_s.device)
+        s = _slab_logits(q_s, ks, rows, n_cols, scale_s, dtype)
+        t = _slab_logits(q_t, kt, rows, n_cols, scale_t, dtype)
+        # KL_row = Σ_j p_t (t − s) − lse_t + lse_s. Excluded pairs get p_t = 0 and a difference of 0
+        # (not −inf − −inf = NaN, nor a NaN read from a padding token).
+        diff = _fill_(t - s, excluded, 0.0)
+        blk_lse_s = torch.logsumexp(_fill_(s, excluded, float("-inf")), dim=-1)
+        blk_lse_t = torch.logsumexp(_fill_(t, excluded, float("-inf")), dim=-1)
+        cross = t.sub_(blk_lse_t[..., None]).exp_().mul_(diff).sum(dim=-1)
+        ok = rows_ok[:, :, rows]
+        kl[:, :, rows] = torch.where(ok, cross - blk_lse_t + blk_lse_s, 0.0)
+        # +inf makes every probability of an invalid row exp(x − inf) = 0 in the backward.
+        lse_s[:, :, rows] = torch.where(ok, blk_lse_s, float("inf"))
+        lse_t[:, :, rows] = torch.where(ok, blk_lse_t, float("inf"))
+    # A logit of −inf from an Inf input gives ±Inf rather than NaN; report every such row as NaN.
+    kl = torch.where(torch.isinf(kl), float("nan"), kl)
+    return kl, lse_s, lse_t
 
-    @staticmethod
-    def forward(
-        ctx,
-        q_s: Tensor,
-        k_s: Tensor,
-        q_t: Tensor,
-        k_t: Tensor,
-        attention_mask: Tensor | None,
-        causal: bool,
-        scale_s: float,
-        scale_t: float,
-        block_rows: int,
-    ) -> Tensor:
-        dtype = accumulation_dtype(q_s, q_t)
-        batch, heads, length, _ = q_s.shape
-        ks, kt = k_s.to(dtype), k_t.to(dtype)
-        rows_ok = row_is_valid(attention_mask, batch, length, q_s.device)
-        kl = torch.zeros(batch, heads, length, dtype=dtype, device=q_s.device)
-        lse_s = torch.empty_like(kl)
-        lse_t = torch.empty_like(kl)
-        for start in range(0, length, block_rows):
-            rows = slice(start, min(start + block_rows, length))
-            n_cols = rows.stop if causal else length
-            excluded = _excluded(attention_mask, rows, n_cols, causal, q_s.device)
-            s = _slab_logits(q_s, ks, rows, n_cols, scale_s, dtype)
-            t = _slab_logits(q_t, kt, rows, n_cols, scale_t, dtype)
-            # KL_row = Σ_j p_t (t − s) − lse_t + lse_s. Excluded pairs get p_t = 0 and a difference of 0
-            # (not −inf − −inf = NaN, nor a NaN read from a padding token).
-            diff = _fill_(t - s, excluded, 0.0)
-            blk_lse_s = torch.logsumexp(_fill_(s, excluded, float("-inf")), dim=-1)
-            blk_lse_t = torch.logsumexp(_fill_(t, excluded, float("-inf")), dim=-1)
-            cross = t.sub_(blk_lse_t[..., None]).exp_().mul_(diff).sum(dim=-1)
-            ok = rows_ok[:, :, rows]
-            kl[:, :, rows] = torch.where(ok, cross - blk_lse_t + blk_lse_s, 0.0)
-            # +inf makes every probability of an invalid row exp(x − inf) = 0 in the backward.
-            lse_s[:, :, rows] = torch.where(ok, blk_lse_s, float("inf"))
-            lse_t[:, :, rows] = torch.where(ok, blk_lse_t, float("inf"))
-        # A logit of −inf from an Inf input gives ±Inf rather than NaN; report every such row as NaN.
-        kl = torch.where(torch.isinf(kl), float("nan"), kl)
-        ctx.save_for_backward(q_s, k_s, q_t, k_t, attention_mask, lse_s, lse_t)
-        ctx.config = (causal, scale_s, scale_t, block_rows)
-        return kl
 
-    @staticmethod
-    def backward(ctx, grad_kl: Tensor):
-        q_s, k_s, q_t, k_t, attention_mask, lse_s, lse_t = ctx.saved_tensors
-        causal, scale_s, scale_t, block_rows = ctx.config
-        dtype = lse_s.dtype
-        batch, heads, length, dim = q_s.shape
-        kv_heads = k_s.shape[1]
-        ks, kt = k_s.to(dtype), k_t.to(dtype)
-        # ∂KL_row/∂logit_s = p_s − p_t, times the logit scale and the incoming per-row gradient.
-        row_grad = grad_kl.to(dtype) * scale_s
-        dq = torch.zeros(batch, heads, length, dim, dtype=dtype, device=q_s.device)
-        dk = torch.zeros(batch, kv_heads, length, dim, dtype=dtype, device=q_s.device)
-        for start in range(0, length, block_rows):
-            rows = slice(start, min(start + block_rows, length))
-            n_rows = rows.stop - rows.start
-            n_cols = rows.stop if causal else length
-            excluded = _excluded(attention_mask, rows, n_cols, causal, q_s.device)
-            s = _fill_(_slab_logits(q_s, ks, rows, n_cols, scale_s, dtype), excluded, float("-inf"))
-            t = _fill_(_slab_logits(q_t, kt, rows, n_cols, scale_t, dtype), excluded, float("-inf"))
-            p_s = s.sub_(lse_s[:, :, rows, None]).exp_()
-            p_t = t.sub_(lse_t[:, :, rows, None]).exp_()
-            d_logits = p_s.sub_(p_t).mul_(row_grad[:, :, rows, None])
-            d_logits = d_logits.view(batch, kv_heads, heads // kv_heads * n_rows, n_cols)
-            q_blk = q_s[:, :, rows].to(dtype).reshape(batch, kv_heads, -1, dim)
+@torch.library.custom_op("linearard::attention_kl_blocked_backward", mutates_args=())
+def blocked_backward(
+    grad_kl: Tensor,
+    lse_s: Tensor,
+    lse_t: Tensor,
+    q_s: Tensor,
+    k_s: Tensor,
+    q_t: Tensor,
+    k_t: Tensor,
+    attention_mask: Tensor | None,
+    causal: bool,
+    scale_s: float,
+    scale_t: float,
+    block_rows: int,
+    need_dq: bool,
+    need_dk: bool,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of Σ_rows grad_kl · KL_row for q_s and k_s (an empty tensor for one not needed)."""
+    dtype = lse_s.dtype
+    batch, heads, length, dim = q_s.shape
+    kv_heads = k_s.shape[1]
+    ks, kt = k_s.to(dtype), k_t.to(dtype)
+    # ∂KL_row/∂logit_s = p_s − p_t, times the logit scale and the incoming per-row gradient.
+    row_grad = grad_kl.to(dtype) * scale_s
+    dq = torch.zeros(batch, heads, length, dim, dtype=dtype, device=q_s.device) if need_dq else None
+    dk = torch.zeros(batch, kv_heads, length, dim, dtype=dtype, device=q_s.device) if need_dk else None
+    for start in range(0, length, block_rows):
+        rows = slice(start, min(start + block_rows, length))
+        n_rows = rows.stop - rows.start
+        n_cols = rows.stop if causal else length
+        excluded = _excluded(attention_mask, rows, n_cols, causal, q_s.device)
+        s = _fill_(_slab_logits(q_s, ks, rows, n_cols, scale_s, dtype), excluded, float("-inf"))
+        t = _fill_(_slab_logits(q_t, kt, rows, n_cols, scale_t, dtype), excluded, float("-inf"))
+        p_s = s.sub_(lse_s[:, :, rows, None]).exp_()
+        p_t = t.sub_(lse_t[:, :, rows, None]).exp_()
+        d_logits = p_s.sub_(p_t).mul_(row_grad[:, :, rows, None])
+        d_logits = d_logits.view(batch, kv_heads, heads // kv_heads * n_rows, n_cols)
+        if dq is not None:
             dq[:, :, rows] = (d_logits @ ks[:, :, :n_cols]).view(batch, heads, n_rows, dim)
+        if dk is not None:
+            q_blk = q_s[:, :, rows].to(dtype).reshape(batch, kv_heads, -1, dim)
             dk[:, :, :n_cols] += d_logits.transpose(-1, -2) @ q_blk
-        return dq.to(q_s.dtype), dk.to(k_s.dtype), None, None, None, None, None, None, None
+    return (
+        dq.to(q_s.dtype) if dq is not None else skipped_gradient(q_s),
+        dk.to(k_s.dtype) if dk is not None else skipped_gradient(k_s),
+    )
+
+
+register_relation_kl(blocked_forward, blocked_backward)
 
 
 def attention_kl_blocked(
@@ -153,4 +174,4 @@ def attention_kl_blocked(
     """
     batch, heads, length, _ = q_s.shape
     rows = block_rows or _block_rows(batch, heads, length, q_s.device)
-    return BlockedAttentionKL.apply(q_s, k_s, q_t, k_t, attention_mask, causal, scale_s, scale_t, rows)
+    return blocked_forward(q_s, k_s, q_t, k_t, attention_mask, causal, scale_s, scale_t, rows)[0]

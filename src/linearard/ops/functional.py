@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 import os
@@ -183,10 +182,13 @@ def _check_scale(name: str, scale: float | None, head_dim: int) -> float:
     return value
 
 
-@functools.cache
+# Looked up once (importing Triton is left to the first Triton call); a constant to torch.compile.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Whether the Triton package is installed (importing it is left to the first Triton call)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether the Triton package is installed."""
+    return _TRITON_INSTALLED
 
 
 def _resolve_impl(impl: str, q_s: Tensor, q_t: Tensor) -> str:

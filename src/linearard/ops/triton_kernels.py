@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the relation KL, and the autograd.Function that launches them.
+"""Fused Triton kernels for the relation KL, and the operators that launch them.
 
 Work in base-2 units: logits are multiplied by scale·log2(e), so every exponential is one exp2.
 
@@ -13,7 +13,9 @@ A dQ kernel sweeps columns per block of rows; a dK kernel sweeps rows per block 
 loops over the query heads that share that key head itself. Both recompute the logit tiles of
 student and teacher from the saved log-sum-exps.
 
-Triton is optional: without it this module still imports, and `attention_kl_triton` is not reached
+The launchers are registered as the operators linearard::attention_kl_triton and
+linearard::attention_kl_triton_backward (see `linearard.ops.registration`). Triton is optional:
+without it this module still imports, and `attention_kl_triton` is not reached
 (`linearard.ops.functional` dispatches to the blocked PyTorch path instead).
 """
 
@@ -23,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from linearard.ops.registration import register_relation_kl, skipped_gradient
 
 try:
     import triton
@@ -398,8 +402,10 @@ def kl_forward(p: _Problem, tiles: Tiles | None = None) -> tuple[Tensor, Tensor,
     """Launch the forward kernel. Returns per-row KL and the base-2 log-sum-exps, each [B, Hq, T]."""
     batch, heads, length, _ = p.q_s.shape
     tiles = tiles or p.tiles("fwd")
-    kl = torch.empty(batch, heads, length, dtype=torch.float32, device=p.q_s.device)
-    lse_s, lse_t = torch.empty(2, batch, heads, length, dtype=torch.float32, device=p.q_s.device).unbind(0)
+    # Three separate tensors: the outputs of an operator may not be views of one another.
+    kl, lse_s, lse_t = (
+        torch.empty(batch, heads, length, dtype=torch.float32, device=p.q_s.device) for _ in range(3)
+    )
     grid = (triton.cdiv(length, tiles.block_m), batch * heads)
     _fwd_kernel[grid](
         p.q_s, p.k_s, p.q_t, p.k_t, p.mask_arg, kl, lse_s, lse_t, *p.common_args(),
@@ -444,25 +450,46 @@ def kl_backward_dk(p: _Problem, lse_s: Tensor, lse_t: Tensor, grad: Tensor, tile
     return dk
 
 
-class TritonAttentionKL(torch.autograd.Function):
-    """Per-row KL(P_t ‖ P_s) with gradients for q_s and k_s; see `attention_kl_triton`."""
+@torch.library.custom_op("linearard::attention_kl_triton", mutates_args=())
+def triton_forward(
+    q_s: Tensor,
+    k_s: Tensor,
+    q_t: Tensor,
+    k_t: Tensor,
+    attention_mask: Tensor | None,
+    causal: bool,
+    scale_s: float,
+    scale_t: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row KL(P_t ‖ P_s) and the two per-row base-2 log-sum-exps, each [B, Hq, T] float32."""
+    return kl_forward(_prepare(q_s, k_s, q_t, k_t, attention_mask, causal, scale_s, scale_t))
 
-    @staticmethod
-    def forward(ctx, q_s, k_s, q_t, k_t, mask, causal, scale_s, scale_t):
-        p = _prepare(q_s, k_s, q_t, k_t, mask, causal, scale_s, scale_t)
-        kl, lse_s, lse_t = kl_forward(p)
-        ctx.save_for_backward(p.q_s, p.k_s, p.q_t, p.k_t, p.mask, lse_s, lse_t)
-        ctx.config = (causal, scale_s, scale_t)
-        return kl
 
-    @staticmethod
-    def backward(ctx, grad_kl):
-        q_s, k_s, q_t, k_t, mask, lse_s, lse_t = ctx.saved_tensors
-        p = _Problem(q_s, k_s, q_t, k_t, mask, *ctx.config)
-        grad = grad_kl.float().contiguous()
-        dq = kl_backward_dq(p, lse_s, lse_t, grad) if ctx.needs_input_grad[0] else None
-        dk = kl_backward_dk(p, lse_s, lse_t, grad) if ctx.needs_input_grad[1] else None
-        return dq, dk, None, None, None, None, None, None
+@torch.library.custom_op("linearard::attention_kl_triton_backward", mutates_args=())
+def triton_backward(
+    grad_kl: Tensor,
+    lse_s: Tensor,
+    lse_t: Tensor,
+    q_s: Tensor,
+    k_s: Tensor,
+    q_t: Tensor,
+    k_t: Tensor,
+    attention_mask: Tensor | None,
+    causal: bool,
+    scale_s: float,
+    scale_t: float,
+    need_dq: bool,
+    need_dk: bool,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of Σ_rows grad_kl · KL_row for q_s and k_s (an empty tensor for one not needed)."""
+    p = _prepare(q_s, k_s, q_t, k_t, attention_mask, causal, scale_s, scale_t)
+    grad = grad_kl.float().contiguous()
+    dq = kl_backward_dq(p, lse_s, lse_t, grad) if need_dq else skipped_gradient(q_s)
+    dk = kl_backward_dk(p, lse_s, lse_t, grad) if need_dk else skipped_gradient(k_s)
+    return dq, dk
+
+
+register_relation_kl(triton_forward, triton_backward)
 
 
 def attention_kl_triton(
@@ -480,4 +507,4 @@ def attention_kl_triton(
     Shape:
         returns [B, Hq, T] float32; masked rows are exactly 0.
     """
-    return TritonAttentionKL.apply(q_s, k_s, q_t, k_t, attention_mask, causal, scale_s, scale_t)
+    return triton_forward(q_s, k_s, q_t, k_t, attention_mask, causal, scale_s, scale_t)[0]
