@@ -85,7 +85,7 @@ class _PeftLoop:
 class _OurLoop:
     """This project's objective on the shared-weight teacher/student pair."""
 
-    def __init__(self, shape: str, objective: str, rank: int, checkpointing: bool, compiled: bool):
+    def __init__(self, shape: str, objective: str, rank: int, checkpointing: bool, compiled: bool, factor: float):
         model = add_adapters(_base_model(shape), "lora", rank=rank, alpha=2 * rank)
         for p in trainable_parameters(model):
             p.data = p.data.float()  # as `linearard restore` keeps them
@@ -93,7 +93,7 @@ class _OurLoop:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         native = SHAPES[shape]["max_position_embeddings"]
-        self.ts = TeacherStudent(model, RopeScaling("linear", 4.0, native, 4 * native))
+        self.ts = TeacherStudent(model, RopeScaling("linear", factor, native, int(factor * native)))
         if compiled:
             compile_layers(self.ts)
         self.objective = build_objective(objective)
@@ -103,13 +103,13 @@ class _OurLoop:
         return self.objective.run(self.ts, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]
 
 
-def micro_batches(shape: str, loop: str, seq_len: int, tokens_per_step: int, rank: int, checkpointing: bool
-                  ) -> tuple[int, int]:
+def micro_batches(shape: str, loop: str, seq_len: int, tokens_per_step: int, rank: int, checkpointing: bool,
+                  factor: float) -> tuple[int, int]:
     """(blocks per micro-batch, micro-batches per step) as `linearard restore` would choose them."""
     config = build_config(flags=dict(
         seq_len=seq_len, tokens_per_step=tokens_per_step, max_tokens=max(tokens_per_step, 40_000),
         objective="cpt" if loop == "peft" else loop, lora_rank=rank, gradient_checkpointing=checkpointing,
-        rope_type="linear", rope_factor=4.0,
+        rope_type="linear", rope_factor=factor,
     ))
     with torch.device("meta"):
         model = add_adapters(
@@ -117,7 +117,7 @@ def micro_batches(shape: str, loop: str, seq_len: int, tokens_per_step: int, ran
         )
     native = SHAPES[shape]["max_position_embeddings"]
     shape_ = ModelShape.of(model, model.config)
-    (stage,) = plan_stages(config, RopeScaling("linear", 4.0, native, 4 * native), shape_, world_size=1,
+    (stage,) = plan_stages(config, RopeScaling("linear", factor, native, int(factor * native)), shape_, world_size=1,
                            device="cuda", bf16=True)
     return stage.batch_size, stage.grad_accum
 
@@ -126,7 +126,7 @@ def time_loop(args: argparse.Namespace, loop: str, compiled: bool, batch: int, a
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     runner = (_PeftLoop(args.shape, args.rank, args.checkpointing, compiled) if loop == "peft"
-              else _OurLoop(args.shape, loop, args.rank, args.checkpointing, compiled))
+              else _OurLoop(args.shape, loop, args.rank, args.checkpointing, compiled, args.rope_factor))
     optimizer = torch.optim.AdamW(runner.params, lr=1e-5)
     vocab = SHAPES[args.shape]["vocab_size"]
     times = []
@@ -193,7 +193,7 @@ def end_to_end(args: argparse.Namespace) -> dict:
 
     flags = dict(model=args.end_to_end, seq_len=args.seq_len, tokens_per_step=args.tokens_per_step,
                  max_tokens=args.e2e_tokens, output=str(args.e2e_output), save_every=0, export=False,
-                 rope_type="linear", rope_factor=4.0, gradient_checkpointing=args.checkpointing)
+                 rope_type="linear", rope_factor=args.rope_factor, gradient_checkpointing=args.checkpointing)
     if args.data:
         flags["data"] = [args.data]
     rows = {}
@@ -243,6 +243,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loops", default=",".join(LOOPS), help=f"which loops: {', '.join(LOOPS)}")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="both")
     parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--rope-factor", type=float, default=4.0, help="linear PI factor of the student")
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps after two warm-up steps")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every loop")
     parser.add_argument("--end-to-end", metavar="MODEL_DIR", help="also time `linearard restore` on this model")
@@ -261,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         batch, accum = args.micro_batch, -(-blocks // args.micro_batch)
     else:
         batch, accum = micro_batches(args.shape, "ard", args.seq_len, args.tokens_per_step, args.rank,
-                                     args.checkpointing)
+                                     args.checkpointing, args.rope_factor)
     rows = []
     for compiled in _compile_choices(args):
         for loop in [x.strip() for x in args.loops.split(",") if x.strip()]:
