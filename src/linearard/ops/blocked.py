@@ -59,8 +59,7 @@ def _fill_(slab: Tensor, excluded: tuple | None, value: float) -> Tensor:
     return slab
 
 
-@torch.library.custom_op("linearard::attention_kl_blocked", mutates_args=())
-def blocked_forward(
+def _blocked_forward(
     q_s: Tensor,
     k_s: Tensor,
     q_t: Tensor,
@@ -101,8 +100,7 @@ def blocked_forward(
     return kl, lse_s, lse_t
 
 
-@torch.library.custom_op("linearard::attention_kl_blocked_backward", mutates_args=())
-def blocked_backward(
+def _blocked_backward(
     grad_kl: Tensor,
     lse_s: Tensor,
     lse_t: Tensor,
@@ -149,7 +147,11 @@ def blocked_backward(
     )
 
 
-register_relation_kl(blocked_forward, blocked_backward)
+blocked_forward = torch.library.custom_op("linearard::attention_kl_blocked", _blocked_forward, mutates_args=())
+blocked_backward = torch.library.custom_op(
+    "linearard::attention_kl_blocked_backward", _blocked_backward, mutates_args=()
+)
+_blocked_kl = register_relation_kl(blocked_forward, blocked_backward, eager=(_blocked_forward, _blocked_backward))
 
 
 def attention_kl_blocked(
@@ -174,4 +176,4 @@ def attention_kl_blocked(
     """
     batch, heads, length, _ = q_s.shape
     rows = block_rows or _block_rows(batch, heads, length, q_s.device)
-    return blocked_forward(q_s, k_s, q_t, k_t, attention_mask, causal, scale_s, scale_t, rows)[0]
+    return _blocked_kl(q_s, k_s, q_t, k_t, attention_mask, causal, scale_s, scale_t, rows)

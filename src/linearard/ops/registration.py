@@ -15,8 +15,10 @@ only autograd path of both implementations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from linearard.ops.naive import accumulation_dtype
@@ -27,8 +29,17 @@ if TYPE_CHECKING:
 _TENSOR_INPUTS = 5  # q_s, k_s, q_t, k_t, attention_mask lead every forward's arguments
 
 
-def register_relation_kl(forward: CustomOpDef, backward: CustomOpDef) -> None:
-    """Register the fake implementations of a forward/backward pair and the forward's autograd formula."""
+def register_relation_kl(
+    forward: CustomOpDef, backward: CustomOpDef, *, eager: tuple[Callable, Callable]
+) -> Callable[..., Tensor]:
+    """Register the fake implementations of a forward/backward pair and the forward's autograd formula;
+    returns the function that computes the per-row KL with gradients.
+
+    That function calls the operator inside a compiled graph, and outside one the operator's own Python
+    functions (`eager`) through a plain autograd.Function: the same kernels and formula without the
+    dispatcher's per-call cost, which on an H200 host added 18% to a 32K-token restore step of SmolLM2
+    (60 calls a step).
+    """
     forward.register_fake(_fake_forward)
     backward.register_fake(_fake_backward)
 
@@ -51,6 +62,30 @@ def register_relation_kl(forward: CustomOpDef, backward: CustomOpDef) -> None:
         return (dq if need_dq else None, dk if need_dk else None, *no_grads[2:])
 
     forward.register_autograd(backward_formula, setup_context=setup_context)
+    eager_forward, eager_backward = eager
+
+    class EagerKL(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            kl, lse_s, lse_t = eager_forward(*inputs)
+            setup_context(ctx, inputs, (kl, lse_s, lse_t))
+            return kl
+
+        @staticmethod
+        def backward(ctx, grad_kl):
+            if grad_kl is None:
+                return (None,) * len(ctx.needs_input_grad)
+            *tensors, lse_s, lse_t = ctx.saved_tensors
+            need_dq, need_dk = ctx.needs_input_grad[:2]
+            dq, dk = eager_backward(grad_kl, lse_s, lse_t, *tensors, *ctx.config, need_dq, need_dk)
+            return (dq if need_dq else None, dk if need_dk else None, *(None,) * (len(ctx.needs_input_grad) - 2))
+
+    def relation_kl_rows(*inputs) -> Tensor:
+        if torch.compiler.is_compiling():
+            return forward(*inputs)[0]
+        return EagerKL.apply(*inputs)
+
+    return relation_kl_rows
 
 
 def skipped_gradient(like: Tensor) -> Tensor:

@@ -450,8 +450,7 @@ def kl_backward_dk(p: _Problem, lse_s: Tensor, lse_t: Tensor, grad: Tensor, tile
     return dk
 
 
-@torch.library.custom_op("linearard::attention_kl_triton", mutates_args=())
-def triton_forward(
+def _triton_forward(
     q_s: Tensor,
     k_s: Tensor,
     q_t: Tensor,
@@ -465,8 +464,7 @@ def triton_forward(
     return kl_forward(_prepare(q_s, k_s, q_t, k_t, attention_mask, causal, scale_s, scale_t))
 
 
-@torch.library.custom_op("linearard::attention_kl_triton_backward", mutates_args=())
-def triton_backward(
+def _triton_backward(
     grad_kl: Tensor,
     lse_s: Tensor,
     lse_t: Tensor,
@@ -489,7 +487,9 @@ def triton_backward(
     return dq, dk
 
 
-register_relation_kl(triton_forward, triton_backward)
+triton_forward = torch.library.custom_op("linearard::attention_kl_triton", _triton_forward, mutates_args=())
+triton_backward = torch.library.custom_op("linearard::attention_kl_triton_backward", _triton_backward, mutates_args=())
+_triton_kl = register_relation_kl(triton_forward, triton_backward, eager=(_triton_forward, _triton_backward))
 
 
 def attention_kl_triton(
@@ -507,4 +507,4 @@ def attention_kl_triton(
     Shape:
         returns [B, Hq, T] float32; masked rows are exactly 0.
     """
-    return triton_forward(q_s, k_s, q_t, k_t, attention_mask, causal, scale_s, scale_t)[0]
+    return _triton_kl(q_s, k_s, q_t, k_t, attention_mask, causal, scale_s, scale_t)
