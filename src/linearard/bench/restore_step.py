@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from linearard.errors import UserError
 from linearard.models.adapters import add_adapters, trainable_parameters
+from linearard.models.compat import enable_activation_checkpointing
 from linearard.models.rope import RopeScaling
 from linearard.models.teacher_student import TeacherStudent
 from linearard.objectives import build_objective
@@ -49,7 +50,7 @@ def build(shape: str, rank: int, checkpointing: bool) -> TeacherStudent:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model = add_adapters(model, "lora", rank=rank, alpha=2 * rank)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     native = config.max_position_embeddings
     return TeacherStudent(model, RopeScaling("linear", 4.0, native, 4 * native))

@@ -38,6 +38,7 @@ from linearard.data import TokenBlocks, corpus_files, default_corpus_files, esti
 from linearard.errors import UserError
 from linearard.export import check_exportable
 from linearard.models.adapters import add_adapters, trainable_parameters
+from linearard.models.compat import enable_activation_checkpointing
 from linearard.models.load import load_model
 from linearard.models.teacher_student import TeacherStudent
 from linearard.objectives import build_objective
@@ -222,7 +223,7 @@ class _Run:
         for p in trainable_parameters(model):
             p.data = p.data.float()  # adapters and their AdamW state in fp32, whatever the base dtype
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         self.model = model
         self.ts = TeacherStudent(model, self.scaling)
         self.files = _corpus(config)
