@@ -53,7 +53,7 @@ from linearard.training.checkpoint import (
     write_checkpoint,
 )
 from linearard.training.distributed import DistContext
-from linearard.training.metrics import MetricsWriter, Progress
+from linearard.training.metrics import MetricsWriter, Progress, stage_label
 from linearard.training.plan import (
     ModelShape,
     Plan,
@@ -164,7 +164,8 @@ class _Run:
             self.output, enabled=ctx.is_main, resume_step=self._global_step() if checkpoint else None
         )
         self.progress = Progress(
-            plan.total_tokens, self.trainer.tokens, enabled=ctx.is_main, description=plan.stages[0].name
+            plan.total_tokens, self.trainer.tokens, enabled=ctx.is_main,
+            description=stage_label(plan.stages[self.trainer.stage].name, self.trainer.stage, len(plan.stages)),
         )
         last: dict[str, float] = {}
         try:
@@ -258,7 +259,7 @@ class _Run:
             data.load_state_dict(checkpoint.rank_state["data"])
             set_rng_state(checkpoint.rank_state["rng"])
         stream = iter(data)
-        self.progress.set_description(f"{stage.name} ({index + 1}/{len(self.stages)})")
+        self.progress.set_description(stage_label(stage.name, index, len(self.stages)))
         self.model.train()
         last: dict[str, float] = {}
         timer = time.perf_counter()
