@@ -186,7 +186,7 @@ class _Run:
         if config.eval:
             result.perplexity = self._evaluate()
         if config.export:
-            result.export = self._export()
+            result.export = self._export({"perplexity": result.perplexity})
         result.seconds = time.perf_counter() - started
         return result
 
@@ -419,17 +419,20 @@ class _Run:
         with self.ts.student(), self.ts.adapters.off():
             yield
 
-    def _export(self) -> Path:
+    def _export(self, heldout: dict[str, dict[str, float]]) -> Path:
         from linearard.export import export_checkpoint, export_model
 
         target = self.output / "model"
+        card = {"heldout": heldout, "tokens_trained": self.trainer.tokens}  # for the model card
         if self.ctx.is_main:
             _, _, dtype = read_model_meta(self.config.model)
             if self.config.strategy == "fsdp":
                 # The shards are spread over the processes: rebuild the model from the final checkpoint.
-                export_checkpoint(latest_checkpoint(self.output), target, dtype=dtype)
+                export_checkpoint(latest_checkpoint(self.output), target, dtype=dtype, card=card)
             else:
-                export_model(self.model, self.tokenizer, self.scaling, target, dtype=dtype, config=self.config)
+                export_model(
+                    self.model, self.tokenizer, self.scaling, target, dtype=dtype, config=self.config, card=card
+                )
             self.log(f"exported the restored model to {target} (adapters in {target / 'adapter'})")
         dist_utils.barrier(self.ctx)
         return target
