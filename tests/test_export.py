@@ -116,6 +116,7 @@ def test_dense_adapters_export_and_dtype(tmp_path):
     assert adapters and all(".delta" in name for name in adapters)
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside peft
 def test_lora_adapter_folder_loads_with_peft(tmp_path):
     from peft import PeftModel
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from linearard.errors import UserError
 from linearard.models.adapters import DEFAULT_TARGETS, add_adapters
+from linearard.models.compat import enable_activation_checkpointing
 from linearard.models.rope import RopeScaling
 from linearard.models.teacher_student import TeacherStudent
 from linearard.objectives import (
@@ -317,7 +318,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(spec):
     for checkpointing in (False, True):
         model, ts = make_pair("llama", num_hidden_layers=3)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         model.train()  # transformers checkpoints only in training mode
         randomise_lora_b(model)
         loss, metrics = build_objective(spec)(ts, batch)
@@ -414,6 +415,7 @@ def test_layer_selection():
 def test_compiled_layers_train_the_same_and_compile_once(checkpointing):
     import torch._dynamo.utils
 
+    from linearard.models.compat import enable_activation_checkpointing
     from linearard.models.teacher_student import compile_layers
 
     results = []
@@ -421,7 +423,7 @@ def test_compiled_layers_train_the_same_and_compile_once(checkpointing):
         model, ts = make_pair(num_hidden_layers=3)
         randomise_lora_b(model)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         if compiled:
             torch._dynamo.reset()
             compile_layers(ts, backend="aot_eager")

@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,3 +17,12 @@ def test_ci_runs_the_readme_quick_start():
     assert install_and_run in ci
     assert run_tests in ci
     assert install_and_run.endswith("linearard restore")
+
+
+def test_the_cpu_install_pulls_no_gpu_only_package():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    cpu = project["dependencies"] + project["optional-dependencies"]["dev"]
+    names = [re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower() for requirement in cpu]
+    assert not [n for n in names if n == "triton" or n.startswith(("nvidia-", "cuda-"))]
+    assert project["optional-dependencies"]["triton"]  # what a GPU user adds

@@ -4,7 +4,8 @@ The output folder holds the merged model (safetensors, in the base model's dtype
 is done in fp32), its config with the student's RoPE scaling and ``max_position_embeddings`` = the
 target length, written in both config dialects (transformers 5 ``rope_parameters``; 4.x
 ``rope_scaling`` + top-level ``rope_theta``), the tokenizer, and the adapters alone in ``adapter/``
-(a peft adapter folder for LoRA, ``adapters.safetensors`` otherwise, and the run's ``config.yaml``).
+(a peft adapter folder for LoRA, ``adapters.safetensors`` otherwise, and the run's ``config.yaml``),
+and a ``README.md`` model card (`linearard.model_card`).
 
 RoPE types whose frequencies transformers recomputes from the input length are written in a static
 form that gives the frequencies the student was trained with, at every length:
@@ -47,6 +48,7 @@ def export_model(
     *,
     dtype: torch.dtype | None = None,
     config: Any = None,
+    card: dict[str, Any] | None = None,
 ) -> Path:
     """Write `model` (with adapters) as a merged, RoPE-scaled transformers model into `output`.
 
@@ -60,6 +62,7 @@ def export_model(
         output: the folder to create.
         dtype: dtype of the saved weights (default: the model's current dtype).
         config: the run's `RestoreConfig`, saved as ``adapter/config.yaml`` when given.
+        card: the run's numbers for the model card (``heldout``, ``tokens_trained``; see `linearard.model_card`).
 
     Returns:
         `output` as a Path.
@@ -78,6 +81,10 @@ def export_model(
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _add_legacy_rope(tmp / "config.json", merged.config)
+        from linearard.model_card import write_model_card
+
+        base_model = config.model if config is not None else getattr(base_config, "name_or_path", "") or "model"
+        write_model_card(tmp, base_model, scaling, config=config, architecture=type(merged).__name__, **(card or {}))
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)
@@ -132,7 +139,12 @@ def check_exportable(config: Any, scaling: RopeScaling) -> None:
 
 
 def export_checkpoint(
-    checkpoint: str | Path, output: str | Path, *, model: str | None = None, dtype: torch.dtype | None = None
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    model: str | None = None,
+    dtype: torch.dtype | None = None,
+    card: dict[str, Any] | None = None,
 ) -> Path:
     """Rebuild a run's model from a checkpoint folder (or a run folder: its newest checkpoint) and export it.
 
@@ -141,6 +153,7 @@ def export_checkpoint(
         output: the folder to create.
         model: the base model, when it moved since the run (default: the run's ``--model``).
         dtype: dtype of the saved weights (default: the dtype the base model declares).
+        card: the run's numbers for the model card, as for `export_model`.
     """
     from linearard.config import build_config
     from linearard.models.adapters import add_adapters, load_adapter_state_dict
@@ -165,7 +178,9 @@ def export_checkpoint(
     load_adapter_state_dict(base, {k: v.float() for k, v in read_adapters(folder).items()})
     if dtype is None:
         dtype = read_model_meta(config.model)[2]
-    return export_model(base, tokenizer, scaling, output, dtype=dtype, config=config)
+    trainer = folder / "trainer.json"  # the tokens trained up to this checkpoint, for the model card
+    card = {"tokens_trained": json.loads(trainer.read_text())["tokens"], **(card or {})} if trainer.exists() else card
+    return export_model(base, tokenizer, scaling, output, dtype=dtype, config=config, card=card)
 
 
 def _write_adapters(model: torch.nn.Module, folder: Path, config: Any) -> None:

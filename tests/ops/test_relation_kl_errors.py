@@ -90,6 +90,7 @@ def test_unknown_reduction_or_impl():
 
 def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
     q_s, k_s, q_t, k_t = inputs()
+    monkeypatch.setattr(relation_kl_module, "triton_available", lambda: True)  # whether or not triton is installed
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
         attention_kl(q_s, k_s, q_t, k_t, impl="triton")
@@ -106,6 +107,7 @@ def test_triton_needs_triton(monkeypatch):
 
 def test_triton_refuses_float64(monkeypatch):
     q_s, k_s, q_t, k_t = inputs(dtype=torch.float64)
+    monkeypatch.setattr(relation_kl_module, "triton_available", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(TypeError, match="impl='triton' supports float16, bfloat16 and float32"):
         attention_kl(q_s, k_s, q_t, k_t, impl="triton")

@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from linearard.config import build_config
 from linearard.errors import UserError
 from linearard.models.adapters import add_adapters, trainable_parameters
+from linearard.models.compat import enable_activation_checkpointing
 from linearard.models.rope import RopeScaling
 from linearard.models.teacher_student import TeacherStudent, compile_layers
 from linearard.objectives import build_objective
@@ -71,7 +72,7 @@ class _PeftLoop:
 
         model = _base_model(shape)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj"])
         self.model = get_peft_model(model, lora)
         self.model.train()
@@ -90,7 +91,7 @@ class _OurLoop:
         for p in trainable_parameters(model):
             p.data = p.data.float()  # as `linearard restore` keeps them
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         model.train()
         native = SHAPES[shape]["max_position_embeddings"]
         self.ts = TeacherStudent(model, RopeScaling("linear", factor, native, int(factor * native)))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -69,16 +70,21 @@ def forward(model, input_ids, attention_mask, position_ids=None, *, cache=None, 
     if logits_to_keep:
         kwargs["logits_to_keep"] = logits_to_keep
     if cache is not None:
-        kwargs[_cache_argument(type(model))] = cache
+        kwargs[_cache_argument(model)] = cache
     out = model(**kwargs)
-    new_cache = out.get("cache", out.get("past_key_values")) if use_cache else None
+    new_cache = None
+    if use_cache:  # only ask for the old name where the new one is missing: asking for it warns
+        new_cache = out["cache"] if "cache" in out else out.get("past_key_values")
     return out.logits, new_cache
 
 
 _CACHE_ARGUMENT: dict[type, str] = {}
 
 
-def _cache_argument(model_type: type) -> str:
+def _cache_argument(model: Any) -> str:
+    if hasattr(model, "get_base_model"):  # peft passes the cache through **kwargs
+        model = model.get_base_model()
+    model_type = type(model)
     if model_type not in _CACHE_ARGUMENT:
         params = inspect.signature(model_type.forward).parameters
         _CACHE_ARGUMENT[model_type] = "cache" if "cache" in params else "past_key_values"

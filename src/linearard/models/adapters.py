@@ -11,6 +11,7 @@ Modes:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -77,7 +78,10 @@ def add_adapters(
         config = LoraConfig(
             r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none"
         )
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` itself; nothing to call differently.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return get_peft_model(model, config)
     if mode == "dense":
         targets = _check_targets(model, targets)
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]

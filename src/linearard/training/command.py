@@ -90,11 +90,15 @@ def run(args: argparse.Namespace) -> int:
         from linearard.training.plan import dry_run_plan
 
         print(dry_run_plan(config).describe())
+        print("dry run: nothing was trained or written")
         return 0
     from linearard.training.loop import restore
 
     result = restore(config)
     if result.main_process:
-        seconds = f"{result.seconds:.0f} s"
-        print(f"done: {result.steps} steps, {result.tokens} tokens in {seconds}; output in {result.output}")
+        rate = result.tokens / max(result.seconds, 1e-9)
+        print(
+            f"done: {result.steps} steps, {result.tokens} tokens in {result.seconds:.0f} s ({rate:.0f} tokens/s); "
+            f"output in {result.output}"
+        )
     return 0

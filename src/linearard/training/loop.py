@@ -38,6 +38,7 @@ from linearard.data import TokenBlocks, corpus_files, default_corpus_files, esti
 from linearard.errors import UserError
 from linearard.export import check_exportable
 from linearard.models.adapters import add_adapters, trainable_parameters
+from linearard.models.compat import enable_activation_checkpointing
 from linearard.models.load import load_model
 from linearard.models.teacher_student import TeacherStudent, compile_layers
 from linearard.objectives import build_objective
@@ -53,7 +54,7 @@ from linearard.training.checkpoint import (
     write_checkpoint,
 )
 from linearard.training.distributed import DistContext
-from linearard.training.metrics import MetricsWriter, Progress
+from linearard.training.metrics import MetricsWriter, Progress, stage_label
 from linearard.training.plan import (
     ModelShape,
     Plan,
@@ -165,7 +166,8 @@ class _Run:
             self.output, enabled=ctx.is_main, resume_step=self._global_step() if checkpoint else None
         )
         self.progress = Progress(
-            plan.total_tokens, self.trainer.tokens, enabled=ctx.is_main, description=plan.stages[0].name
+            plan.total_tokens, self.trainer.tokens, enabled=ctx.is_main,
+            description=stage_label(plan.stages[self.trainer.stage].name, self.trainer.stage, len(plan.stages)),
         )
         last: dict[str, float] = {}
         training = time.perf_counter()
@@ -188,7 +190,7 @@ class _Run:
         if config.eval:
             result.perplexity = self._evaluate()
         if config.export:
-            result.export = self._export()
+            result.export = self._export({"perplexity": result.perplexity})
         result.seconds = time.perf_counter() - started
         return result
 
@@ -225,7 +227,7 @@ class _Run:
         for p in trainable_parameters(model):
             p.data = p.data.float()  # adapters and their AdamW state in fp32, whatever the base dtype
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         self.model = model
         self.ts = TeacherStudent(model, self.scaling)
         if self._compiles():
@@ -265,7 +267,7 @@ class _Run:
             blocks.load_state_dict(checkpoint.rank_state["data"])
             set_rng_state(checkpoint.rank_state["rng"])
         batches = MicroBatches(blocks, stage.batch_size, ctx.device)
-        self.progress.set_description(f"{stage.name} ({index + 1}/{len(self.stages)})")
+        self.progress.set_description(stage_label(stage.name, index, len(self.stages)))
         self.model.train()
         log = _StepLog(self, stage)
         try:
@@ -417,17 +419,20 @@ class _Run:
         with self.ts.student(), self.ts.adapters.off():
             yield
 
-    def _export(self) -> Path:
+    def _export(self, heldout: dict[str, dict[str, float]]) -> Path:
         from linearard.export import export_checkpoint, export_model
 
         target = self.output / "model"
+        card = {"heldout": heldout, "tokens_trained": self.trainer.tokens}  # for the model card
         if self.ctx.is_main:
             _, _, dtype = read_model_meta(self.config.model)
             if self.config.strategy == "fsdp":
                 # The shards are spread over the processes: rebuild the model from the final checkpoint.
-                export_checkpoint(latest_checkpoint(self.output), target, dtype=dtype)
+                export_checkpoint(latest_checkpoint(self.output), target, dtype=dtype, card=card)
             else:
-                export_model(self.model, self.tokenizer, self.scaling, target, dtype=dtype, config=self.config)
+                export_model(
+                    self.model, self.tokenizer, self.scaling, target, dtype=dtype, config=self.config, card=card
+                )
             self.log(f"exported the restored model to {target} (adapters in {target / 'adapter'})")
         dist_utils.barrier(self.ctx)
         return target

@@ -79,6 +79,11 @@ def _truncate_after(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def stage_label(name: str, index: int, count: int) -> str:
+    """The progress bar's label for stage `index` (from 0) of `count`: ``restore``, or ``cpt (2/2)``."""
+    return name if count == 1 else f"{name} ({index + 1}/{count})"
+
+
 class Progress:
     """A token-counting progress bar (rate = tokens/s, ETA from the token budget); silent when disabled.
 
@@ -90,6 +95,7 @@ class Progress:
 
     def __init__(self, total: int, done: int = 0, *, enabled: bool = True, description: str = "restore"):
         self._bar = None
+        self._description = description
         if enabled:
             self._bar = tqdm(
                 total=total,
@@ -109,8 +115,10 @@ class Progress:
         self._bar.update(tokens)
 
     def set_description(self, text: str) -> None:
-        if self._bar is not None:
+        # Only on a change: tqdm redraws on every call, which a log file keeps as one more bar.
+        if self._bar is not None and text != self._description:
             self._bar.set_description(text)
+        self._description = text
 
     def close(self) -> None:
         if self._bar is not None:
