@@ -182,8 +182,8 @@ def workspace(tmp_path_factory):
 
 def study_args(workspace, output, *extra):
     return [
-        "study", "--model", str(workspace / "tiny"), "--output", str(output), "--max-tokens", "160",
-        "--seq-len", "32", "--cpt-seq-len", "64", "--data", str(workspace / "corpus"),
+        "study", "--model", str(workspace / "tiny"), "--output", str(output), "--max-tokens", "256",
+        "--seq-len", "32", "--cpt-seq-len", "64", "--cpt-share", "0.5", "--data", str(workspace / "corpus"),
         "--set", "warmup_steps=1", "--set", "lora_rank=8", "--set", "shuffle_buffer=16",
         "--tasks", "ppl,agreement,passkey", "--lengths", "512",
         "--eval-set", "ppl_lengths=64", "--eval-set", "ppl_tokens=256", "--eval-set", "agreement_length=128",
@@ -218,17 +218,21 @@ def test_every_default_arm_trains_is_evaluated_and_reported(finished_study):
     assert {"torch", "transformers", "linearard"} <= set(results["study"]["versions"])
     assert results["study"]["device"] and not results["study"]["unfinished"] and not results["study"]["failed"]
 
-    expected_stages = {  # 160 tokens: whole steps of the block length; ard+cpt gives 75 of them to CPT
-        "cpt": [("cpt", 64, 128)],
-        "logits": [("logits", 32, 160)],
-        "hidden": [("hidden", 32, 160)],
-        "ard": [("ard", 32, 160)],
-        "ard+cpt": [("ard", 32, 64), ("cpt", 64, 64)],
+    # 256 tokens in steps of 64 (the longest block: one CPT block or two distillation blocks a step), so
+    # every single-stage arm takes 4 steps; ard+cpt gives half to CPT, whose steps keep the first stage's two
+    # blocks (128 tokens) until the restore config derives a step's blocks per stage
+    expected_stages = {
+        "cpt": [("cpt", 64, 256, 4)],
+        "logits": [("logits", 32, 256, 4)],
+        "hidden": [("hidden", 32, 256, 4)],
+        "ard": [("ard", 32, 256, 4)],
+        "ard+cpt": [("ard", 32, 128, 2), ("cpt", 64, 128, 1)],
     }
     models = results["evaluation"]["models"]
     for arm, stages in expected_stages.items():
         rec = record(finished_study, arm)
-        assert [(s["objective"], s["seq_len"], s["tokens"]) for s in rec["training"]["stages"]] == stages
+        assert [(s["objective"], s["seq_len"], s["tokens"], s["steps"]) for s in rec["training"]["stages"]] == stages
+        assert rec["config"]["gradient_checkpointing"] == (arm in ("cpt", "ard+cpt"))  # long blocks only
         assert rec["training"]["tokens"] == sum(s[2] for s in stages)
         assert (finished_study / "runs" / arm / "seed-0" / "train" / "model" / "config.json").exists()
         assert models[arm]["supported_length"] == 1024  # the export carries the student's RoPE
@@ -250,7 +254,7 @@ def test_every_default_arm_trains_is_evaluated_and_reported(finished_study):
         rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")][1:]
         assert rows == DEFAULT, table
     assert "## Every run" in report and "#### agreement" in report
-    assert "recovery %" in report and "| ard+cpt | 128 | ard 64 × 32 + cpt 64 × 64 |" in report
+    assert "recovery %" in report and "| ard+cpt | 256 | ard 128 × 32 + cpt 128 × 64 |" in report
     for plot in ("ppl_vs_length.png", "passkey_native.png", "passkey_ard_cpt.png"):
         assert (finished_study / plot).stat().st_size > 0 and f"]({plot})" in report
     assert not (finished_study / "budget_curve.png").exists()  # no arm at two budgets
@@ -336,7 +340,7 @@ def test_seeds_aggregate_and_budget_curve(workspace, study_copy, monkeypatch):
     args = study_args(workspace, study_copy, "--arms", "native,scaled,ard,ard@50%[seeds=1]", "--seeds", "2")
     assert main(args) == 0
     # seed 0 of ard is reused from the first study; seed 1 and the budget arm are new
-    assert sorted((c.max_tokens, c.seed) for c in trained) == [(80, 0), (160, 1)]
+    assert sorted((c.max_tokens, c.seed) for c in trained) == [(128, 0), (256, 1)]
 
     results = json.loads((study_copy / "results.json").read_text())
     by_run = results["evaluation"]["models"]

@@ -30,18 +30,60 @@ __all__ = ["add_arguments", "run", "run_study"]
 def run_study(settings: StudySettings, *, log: Callable[[str], None] = print) -> dict[str, str]:
     """Carry out a study (`linearard.study.runner.StudySettings`), write its report, print the tables.
 
-    The report is rewritten (without plots) after every run, so a stopped study leaves one behind.
+    The runs go one after another in this process, or to several devices at once (``settings.devices``,
+    or every visible GPU when there are several): `linearard.study.parallel`. The report is rewritten
+    (without plots) after every run, so a stopped study leaves one behind. A worker of a parallel
+    study (``settings.only``) carries out its runs and writes no report.
 
     Returns:
         run label -> error message for every run that failed (empty when all finished).
     """
+    from linearard.study.parallel import visible_devices
     from linearard.study.report import main_tables, study_results, write_report
     from linearard.study.runner import Study
 
     study = Study(settings, log=log)
-    runs = study.run(on_progress=lambda runs: write_report(study_results(study, runs), settings.output, plots=False))
+    if settings.only:
+        study.run()
+        return dict(study.failures)
+    devices = list(settings.devices)
+    if not devices and settings.base.device != "cpu" and settings.eval_device != "cpu":
+        devices = visible_devices() if len(visible_devices()) > 1 else []
+    if devices:
+        runs = _run_parallel(study, devices, log)
+    else:
+        runs = study.run(on_progress=lambda runs: write_report(study_results(study, runs), settings.output,
+                                                               plots=False))
     results = study_results(study, runs)
     write_report(results, settings.output)
     log(main_tables(results))
     log(f"report: {settings.output / 'report.md'}")
     return dict(study.failures)
+
+
+def _run_parallel(study, devices: list[str], log: Callable[[str], None]) -> list:
+    """Every unfinished run of `study` as a worker process on `devices`; returns the (re-planned) runs."""
+    from linearard.errors import UserError
+    from linearard.study.parallel import Job, schedule, worker_launcher
+
+    study.plan()
+    study.s.output.mkdir(parents=True, exist_ok=True)
+    todo = study.todo()
+    total = len(study.every_run())
+    log(f"study: {total} runs, {total - len(todo)} already finished, {len(todo)} to do on "
+        f"{len(devices)} device(s): {','.join(devices)}")
+    jobs = [Job(run.label, tuple(r.label for r in study.sweep_of(run.arm.family)) if run.pending else ())
+            for run in todo]
+    launch = worker_launcher(study.s.command, study.s.output, devices)
+
+    def launch_logged(job: Job, device: str) -> str | None:
+        log(f"study: {job.label}: started on device {device}")
+        error = launch(job, device)
+        log(f"study: {job.label}: " + (f"failed: {error}" if error else "finished"))
+        return error
+
+    failures = schedule(jobs, devices, launch_logged)
+    if study.reference.label in failures:
+        raise UserError(f"the reference failed, so nothing can be compared: {failures[study.reference.label]}")
+    study.failures.update(failures)
+    return study.plan()  # the sweep has decided the learning rates now
