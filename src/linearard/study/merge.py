@@ -43,6 +43,7 @@ def merge_studies(
     check_agreement(folders, metas)
     studies = [_replan(folder, meta, log) for folder, meta in zip(folders, metas)]
     merged = _merged(studies, folders, metas, output, command, log)
+    output.mkdir(parents=True, exist_ok=True)
     if not read_json(merged.reference.record_path).get("evaluation"):
         log(f"study: no folder evaluated the native reference; evaluating it once into {merged.reference.folder}")
         merged.run_one(merged.reference)
