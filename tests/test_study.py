@@ -220,14 +220,14 @@ def test_every_default_arm_trains_is_evaluated_and_reported(finished_study):
     assert results["study"]["device"] and not results["study"]["unfinished"] and not results["study"]["failed"]
 
     # 256 tokens in steps of 64 (the longest block: one CPT block or two distillation blocks a step), so
-    # every single-stage arm takes 4 steps; ard+cpt gives half to CPT, whose steps keep the first stage's two
-    # blocks (128 tokens) until the restore config derives a step's blocks per stage
+    # every single-stage arm takes 4 steps; ard+cpt gives half to CPT, and its distillation stage keeps the
+    # CPT stage's one block a step until the restore config derives a step's blocks per stage
     expected_stages = {
         "cpt": [("cpt", 64, 256, 4)],
         "logits": [("logits", 32, 256, 4)],
         "hidden": [("hidden", 32, 256, 4)],
         "ard": [("ard", 32, 256, 4)],
-        "ard+cpt": [("ard", 32, 128, 2), ("cpt", 64, 128, 1)],
+        "ard+cpt": [("ard", 32, 128, 4), ("cpt", 64, 128, 2)],
     }
     models = results["evaluation"]["models"]
     for arm, stages in expected_stages.items():

@@ -184,7 +184,9 @@ def arm_config(
         if longest > base.seq_len and "gradient_checkpointing" not in own:
             values["gradient_checkpointing"] = True  # long blocks: keep memory near the short-block arms'
         if tokens_per_step and not {"batch_size", "grad_accum"} & set(own):
-            values["batch_size"], values["grad_accum"] = step_shape(tokens_per_step, seq_len, micro_batch_tokens)
+            # One block count serves both stages of a +cpt arm (until the restore config derives it per
+            # stage): the long blocks' keeps its CPT steps at tokens_per_step and shortens its first stage's.
+            values["batch_size"], values["grad_accum"] = step_shape(tokens_per_step, longest, micro_batch_tokens)
         return dataclasses.replace(base, **values).validate()
     except UserError as err:
         raise UserError(f"arm {arm.name}: {err}") from None
@@ -194,8 +196,9 @@ def step_shape(tokens_per_step: int, seq_len: int, micro_batch_tokens: int) -> t
     """``(batch_size, grad_accum)`` that give an optimizer step `tokens_per_step` tokens in `seq_len`-token blocks.
 
     The micro-batch is the largest whole share of the step's blocks within `micro_batch_tokens` (at
-    least one block); only speed and memory depend on it, not the step. A ``+cpt`` arm's second stage
-    keeps the first stage's block count, so its steps are as many times longer as its blocks are.
+    least one block); only speed and memory depend on it, not the step. A ``+cpt`` arm's two stages
+    share one block count, that of its long blocks, so its first stage's steps are as many times
+    shorter as its blocks are (until the restore config derives a step's blocks per stage).
 
     Example:
         >>> step_shape(32768, 4096, 16384), step_shape(32768, 32768, 16384)
