@@ -360,6 +360,8 @@ def test_seeds_aggregate_and_budget_curve(workspace, study_copy, monkeypatch):
     report = (study_copy / "report.md").read_text()
     assert "| ard (2 seeds) |" in report and "| ard@50% |" in report
     assert "## Token budget" in report and (study_copy / "budget_curve.png").stat().st_size > 0
+    curve = report.split("## Token budget")[1]
+    assert "- `ard`: recovery" in curve and "at 128 → " in curve and "(from 128: " in curve
     assert not (study_copy / "passkey_cpt.png").exists()  # plots of arms no longer listed are removed
 
 

@@ -50,7 +50,8 @@ def run_study(settings: StudySettings, *, log: Callable[[str], None] = print) ->
     if not devices and settings.base.device != "cpu" and settings.eval_device != "cpu":
         devices = visible_devices() if len(visible_devices()) > 1 else []
     if devices:
-        runs = _run_parallel(study, devices, log)
+        runs = _run_parallel(study, devices, log,
+                             lambda: write_report(study_results(study, study.runs), settings.output, plots=False))
     else:
         runs = study.run(on_progress=lambda runs: write_report(study_results(study, runs), settings.output,
                                                                plots=False))
@@ -61,8 +62,13 @@ def run_study(settings: StudySettings, *, log: Callable[[str], None] = print) ->
     return dict(study.failures)
 
 
-def _run_parallel(study, devices: list[str], log: Callable[[str], None]) -> list:
-    """Every unfinished run of `study` as a worker process on `devices`; returns the (re-planned) runs."""
+def _run_parallel(study, devices: list[str], log: Callable[[str], None], on_progress: Callable[[], object]) -> list:
+    """Every unfinished run of `study` as a worker process on `devices`; returns the (re-planned) runs.
+
+    `on_progress` runs after each run ends (one at a time), so a study cut off leaves a report behind.
+    """
+    import threading
+
     from linearard.errors import UserError
     from linearard.study.parallel import Job, schedule, worker_launcher
 
@@ -75,11 +81,14 @@ def _run_parallel(study, devices: list[str], log: Callable[[str], None]) -> list
     jobs = [Job(run.label, tuple(r.label for r in study.sweep_of(run.arm.family)) if run.pending else ())
             for run in todo]
     launch = worker_launcher(study.s.command, study.s.output, devices)
+    lock = threading.Lock()
 
     def launch_logged(job: Job, device: str) -> str | None:
         log(f"study: {job.label}: started on device {device}")
         error = launch(job, device)
-        log(f"study: {job.label}: " + (f"failed: {error}" if error else "finished"))
+        with lock:
+            log(f"study: {job.label}: " + (f"failed: {error}" if error else "finished"))
+            on_progress()
         return error
 
     failures = schedule(jobs, devices, launch_logged)

@@ -226,7 +226,8 @@ def budget_points(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 VERDICT_NOTE = (
     "Each line compares an ARD arm with a baseline on the same held-out text: the difference ± its "
-    "combined standard error (the two errors in quadrature). **Wins** / **loses**: the difference is beyond "
+    "combined standard error (the two errors in quadrature; an arm run with several seeds brings its spread "
+    "over the seeds). **Wins** / **loses**: the difference is beyond "
     "2 standard errors in ARD's favour / against it; **ties**: within 2. Next-token KL and top-1 "
     "agreement with the native model measure restoration; perplexity and recovery can also reward "
     "fitting the training text's domain (a student can beat its teacher there)."
