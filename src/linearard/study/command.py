@@ -23,7 +23,8 @@ DEFAULT_ROPE = ("linear", 4.0)
 _PRESET_LINES = "\n                  ".join(f"{k} = {','.join(v)}" for k, v in PRESETS.items())
 _EPILOG = f"""\
 arms (--arms, comma-separated; quote the list in a shell, brackets are glob characters):
-  native          the original model (always evaluated: it is the reference of recovery and agreement)
+  native          the original model (evaluated even when not listed, unless --no-reference: it is
+                  the reference of recovery and agreement)
   scaled          the same weights with the student's RoPE, untrained
   cpt             next-token training on long blocks (--cpt-seq-len, default the target length)
   ard logits hidden attention
@@ -61,7 +62,7 @@ examples:
   linearard study --rope-type yarn --seeds 2 --output runs/yarn4 --seq-len 1024 --cpt-seq-len 32768
   linearard study --arms 'native,scaled,budget,ablations' --tasks short --limit 500
   linearard study --arms 'ard[k,v]@1M,ard+logits[logits=0.1],ard+cpt[seeds=3]' --dry-run
-  linearard study --lr-sweep 1e-4,3e-4,1e-3 --sweep-tokens 1M --tokens-per-step 32K
+  linearard study --lr-sweep 1e-4,3e-4,1e-3 --sweep-tokens 1M --tokens-per-step 32768
 """
 
 
