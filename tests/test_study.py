@@ -255,7 +255,7 @@ def test_every_default_arm_trains_is_evaluated_and_reported(finished_study):
         rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")][1:]
         assert rows == DEFAULT, table
     assert "## Every run" in report and "#### agreement" in report
-    assert "recovery %" in report and "| ard+cpt | 256 | ard 128 × 32 + cpt 128 × 64 |" in report
+    assert "recovery %" in report and "| ard+cpt | 256 | ard 128 × 32 (4 steps) + cpt 128 × 64 (2 steps) |" in report
     for plot in ("ppl_vs_length.png", "passkey_native.png", "passkey_ard_cpt.png"):
         assert (finished_study / plot).stat().st_size > 0 and f"]({plot})" in report
     assert not (finished_study / "budget_curve.png").exists()  # no arm at two budgets

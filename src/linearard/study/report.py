@@ -230,7 +230,9 @@ VERDICT_NOTE = (
     "over the seeds). **Wins** / **loses**: the difference is beyond "
     "2 standard errors in ARD's favour / against it; **ties**: within 2. Next-token KL and top-1 "
     "agreement with the native model measure restoration; perplexity and recovery can also reward "
-    "fitting the training text's domain (a student can beat its teacher there)."
+    "fitting the training text's domain (a student can beat its teacher there). The errors of KL and top-1 "
+    "come from single positions, which neighbouring positions make look smaller than they are; a margin "
+    "that matters should hold over several seeds."
 )
 # (label, task, metric, lower is better) of the verdict; recovery is the by-arm mean.
 VERDICT_METRICS = (
@@ -458,7 +460,7 @@ def _training_summary(trainings: Sequence[dict | None]) -> dict[str, Any]:
 
 def _training_table(results: dict[str, Any]) -> str:
     rows = ["### Training", "",
-            "| arm | tokens | stages (tokens × block length) | train time | GPU time | peak GPU memory |",
+            "| arm | tokens | stages (tokens × block length, steps) | train time | GPU time | peak GPU memory |",
             "|---|---|---|---|---|---|"]
     for info in results["arms"]:
         t = info["training"]
@@ -468,7 +470,8 @@ def _training_table(results: dict[str, Any]) -> str:
         if not t:
             rows.append(f"| {info['label']} | not trained yet | | | | |")
             continue
-        stages = " + ".join(f"{s['objective']} {format_tokens(s['tokens'])} × {s['seq_len']}" for s in t["stages"])
+        stages = " + ".join(f"{s['objective']} {format_tokens(s['tokens'])} × {s['seq_len']} ({s['steps']} steps)"
+                            for s in t["stages"])
         time_text = _duration(t["seconds"])
         if t["seconds_spread"] is not None:
             time_text += f" ± {_duration(t['seconds_spread'])}"
