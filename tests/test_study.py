@@ -560,6 +560,28 @@ def test_the_scheduler_keeps_each_device_to_one_run_and_sweeps_before_their_arms
                                                                                        "ard lr=0.001 (sweep)"]
 
 
+def test_an_interrupted_parent_stops_its_workers(tmp_path):
+    import sys
+    import threading
+    import time
+
+    from linearard.study.parallel import Job, WorkerLauncher, schedule
+
+    launch = WorkerLauncher("linearard study --output out", tmp_path, ["0"])
+    launch.program = [sys.executable, "-c", "import time; time.sleep(60)"]
+    failures = {}
+    thread = threading.Thread(target=lambda: failures.update(schedule([Job("a"), Job("b")], ["0"], launch)))
+    started = time.monotonic()
+    thread.start()
+    while not launch.running and time.monotonic() - started < 30:
+        time.sleep(0.05)
+    launch.stop(grace=10)
+    thread.join(timeout=20)
+    assert not thread.is_alive() and time.monotonic() - started < 30
+    assert "exited with code" in failures["a"] and failures["b"] == "not started: the study was interrupted"
+    assert (tmp_path / "logs" / "a.log").exists()
+
+
 @pytest.mark.slow  # two worker processes, each importing torch and transformers (a minute on a busy 2-core CI)
 def test_two_cpu_workers_run_arms_in_parallel_into_one_report(workspace, finished_study, tmp_path):
     output = tmp_path / "parallel"

@@ -16,7 +16,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from linearard.study.command import add_arguments, run
@@ -70,7 +71,7 @@ def _run_parallel(study, devices: list[str], log: Callable[[str], None], on_prog
     import threading
 
     from linearard.errors import UserError
-    from linearard.study.parallel import Job, schedule, worker_launcher
+    from linearard.study.parallel import Job, WorkerLauncher, schedule
 
     study.plan()
     study.s.output.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,7 @@ def _run_parallel(study, devices: list[str], log: Callable[[str], None], on_prog
         f"{len(devices)} device(s): {','.join(devices)}")
     jobs = [Job(run.label, tuple(r.label for r in study.sweep_of(run.arm.family)) if run.pending else ())
             for run in todo]
-    launch = worker_launcher(study.s.command, study.s.output, devices)
+    launch = WorkerLauncher(study.s.command, study.s.output, devices)
     lock = threading.Lock()
 
     def launch_logged(job: Job, device: str) -> str | None:
@@ -91,8 +92,30 @@ def _run_parallel(study, devices: list[str], log: Callable[[str], None], on_prog
             on_progress()
         return error
 
-    failures = schedule(jobs, devices, launch_logged)
+    with _workers_stopped_on_exit(launch):
+        failures = schedule(jobs, devices, launch_logged)
     if study.reference.label in failures:
         raise UserError(f"the reference failed, so nothing can be compared: {failures[study.reference.label]}")
     study.failures.update(failures)
     return study.plan()  # the sweep has decided the learning rates now
+
+
+@contextmanager
+def _workers_stopped_on_exit(launch) -> Iterator[None]:
+    """Stop the workers when the parent is interrupted (Ctrl-C, or a time limit's SIGTERM)."""
+    import signal
+    import threading
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if main else None
+    try:
+        yield
+    except BaseException:
+        launch.stop()
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)

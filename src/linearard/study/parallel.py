@@ -8,7 +8,8 @@ A worker's output goes to ``OUTPUT/logs/<run>.log``.
 
 Example:
     >>> jobs = [Job("native"), Job("ard lr=0.001 (sweep)"), Job("ard", after=("ard lr=0.001 (sweep)",))]
-    >>> schedule(jobs, ["0", "1"], lambda job, device: None)  # doctest: +SKIP
+    >>> launch = WorkerLauncher("linearard study --output s", Path("s"), ["0", "1"])
+    >>> schedule(jobs, ["0", "1"], launch)  # doctest: +SKIP
     {}
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -75,7 +77,7 @@ def schedule(jobs: Sequence[Job], devices: Sequence[str], launch: Launch) -> dic
                 ended.add(job.label)
                 lock.notify_all()
 
-    threads = [threading.Thread(target=worker, args=(d,), name=f"study-device-{d}") for d in devices]
+    threads = [threading.Thread(target=worker, args=(d,), name=f"study-device-{d}", daemon=True) for d in devices]
     for t in threads:
         t.start()
     for t in threads:
@@ -90,32 +92,58 @@ def visible_devices() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
-def worker_launcher(command: str, output: Path, devices: Sequence[str]) -> Launch:
+class WorkerLauncher:
     """A `Launch` that runs ``command --only LABEL`` as a process on the given device, logging to a file.
 
     `command` is the study's own command line (``linearard study ...``); the worker is started as
-    ``python -m linearard`` with the same interpreter, so it runs the same installation.
+    ``python -m linearard`` with the same interpreter, so it runs the same installation. `stop` ends
+    every running worker and refuses new ones (the parent was interrupted: a rerun must not find
+    workers of the old run still writing into the study's folders).
     """
-    argv = shlex.split(command)[1:]  # without the program name
-    threads = max(1, (os.cpu_count() or 1) // max(1, len(devices)))
-    logs = output / "logs"
 
-    def launch(job: Job, device: str) -> str | None:
+    def __init__(self, command: str, output: Path, devices: Sequence[str]):
+        self.program = [sys.executable, "-m", "linearard"]
+        self.argv = shlex.split(command)[1:]  # without the program name
+        self.threads = max(1, (os.cpu_count() or 1) // max(1, len(devices)))
+        self.logs = output / "logs"
+        self.running: set[subprocess.Popen] = set()
+        self.stopped = False
+        self.lock = threading.Lock()
+
+    def __call__(self, job: Job, device: str) -> str | None:
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device
-        env["OMP_NUM_THREADS"] = str(threads)
-        logs.mkdir(parents=True, exist_ok=True)
-        log_path = logs / f"{slugify(job.label)}.log"
+        env["OMP_NUM_THREADS"] = str(self.threads)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log_path = self.logs / f"{slugify(job.label)}.log"
         with open(log_path, "w") as log:
-            code = subprocess.call([sys.executable, "-m", "linearard", *argv, "--only", job.label],
-                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+            with self.lock:
+                if self.stopped:
+                    return "not started: the study was interrupted"
+                process = subprocess.Popen([*self.program, *self.argv, "--only", job.label],
+                                           stdout=log, stderr=subprocess.STDOUT, env=env)
+                self.running.add(process)
+            code = process.wait()
+            with self.lock:
+                self.running.discard(process)
         if code == 0:
             return None
         last = _last_line(log_path)
         return f"its worker on device {device} exited with code {code}" + (f": {last}" if last else "") + \
             f" (log: {log_path})"
 
-    return launch
+    def stop(self, grace: float = 30.0) -> None:
+        """Interrupt every running worker (as Ctrl-C would), wait up to `grace` seconds, then kill."""
+        with self.lock:
+            self.stopped = True
+            running = list(self.running)
+        for process in running:
+            process.send_signal(signal.SIGINT)
+        for process in running:
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def _last_line(path: Path) -> str:
