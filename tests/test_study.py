@@ -434,19 +434,30 @@ def test_the_sweep_picks_each_arms_best_rate_and_waits_until_it_can(workspace, t
     assert read_json(ard_sweep[0].record_path)["evaluation"]["entry"]
 
 
-def test_a_sweep_study_trains_the_best_rate_and_reports_the_sweep(workspace, tmp_path):
+def test_a_sweep_study_trains_the_best_rate_and_reports_the_sweep(workspace, tmp_path, monkeypatch):
+    real_restore = loop.restore
+
+    def diverging(config, **kwargs):
+        if config.lr == 3e-2:
+            raise UserError("stopped: non-finite loss at step 2")
+        return real_restore(config, **kwargs)
+
+    monkeypatch.setattr(loop, "restore", diverging)
     output = tmp_path / "sweep"
-    assert main(study_args(workspace, output, "--arms", "native,ard", "--lr-sweep", "1e-4,3e-2",
+    assert main(study_args(workspace, output, "--arms", "native,ard", "--lr-sweep", "1e-4,1e-3,3e-2",
                            "--sweep-tokens", "64", "--max-tokens", "128", "--tasks", "agreement")) == 0
     results = json.loads((output / "results.json").read_text())
     points = results["sweep"]["ard"]["points"]
-    kls = {p["lr"]: p["kl"]["value"] for p in points}
+    kls = {p["lr"]: p["kl"]["value"] for p in points if not p["failed"]}
+    assert set(kls) == {1e-4, 1e-3} and "non-finite" in points[2]["failed"]
     best = min(kls, key=kls.get)
     assert results["sweep"]["ard"]["chosen"] == best == record(output, "ard")["config"]["lr"]
+    assert not results["study"]["failed"]  # a diverging rate is a result of the sweep, not a failed run
     assert (output / "runs" / "ard" / "sweep" / "lr-0.0001" / "results.json").exists()
     report = (output / "report.md").read_text()
-    assert "## Learning-rate sweep" in report and "| ard | 64 |" in report
-    assert results["study"]["lr_sweep"] == [1e-4, 3e-2] and "at the learning rate of 0.0001, 0.03" in report
+    assert "## Learning-rate sweep" in report and "| ard | 64 |" in report and "| failed |" in report
+    assert results["study"]["lr_sweep"] == [1e-4, 1e-3, 3e-2]
+    assert "at the learning rate of 0.0001, 0.001, 0.03 that its 64-token sweep run" in report
 
 
 # -- arms as separate jobs, merged ---------------------------------------------------------------------------

@@ -96,8 +96,10 @@ def _run_parallel(study, devices: list[str], log: Callable[[str], None], on_prog
         failures = schedule(jobs, devices, launch_logged)
     if study.reference.label in failures:
         raise UserError(f"the reference failed, so nothing can be compared: {failures[study.reference.label]}")
-    study.failures.update(failures)
-    return study.plan()  # the sweep has decided the learning rates now
+    runs = study.plan()  # the sweep has decided the learning rates now
+    recorded = {r.label for r in study.sweep_runs if study.status(r) == "failed"}  # shown in the sweep table
+    study.failures.update({k: v for k, v in failures.items() if k not in recorded})
+    return runs
 
 
 @contextmanager

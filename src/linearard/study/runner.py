@@ -471,10 +471,11 @@ class Study:
         except UserError as err:
             if run is self.reference:
                 raise
-            self.failures[run.label] = str(err)
             self.log(f"study: {run.label} failed: {err}")
-            if run.is_sweep:  # a rate that diverges is a result of the sweep, not something to retry
+            if run.is_sweep:  # a rate that diverges is a result of the sweep (its table says so), not a failure
                 write_json(run.record_path, self._record(run, failed=str(err)))
+            else:
+                self.failures[run.label] = str(err)
             return False
         finally:
             _free_memory()
