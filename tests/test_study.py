@@ -4,6 +4,7 @@ One study of the default arms runs once per module (`finished_study`); the tests
 copies of its folder, so each sees the finished state.
 """
 
+import itertools
 import json
 import shlex
 import shutil
@@ -20,7 +21,7 @@ from linearard.errors import UserError
 from linearard.models.rope import RopeScaling
 from linearard.study.arms import PAPER_CPT_SHARE, PRESETS, format_tokens, parse_arms, split_arms
 from linearard.study.command import eval_overrides, settings_from_args
-from linearard.study.runner import arm_config
+from linearard.study.runner import arm_config, describe_plan
 from tiny import byte_tokenizer, tiny_model
 
 DEFAULT = list(PRESETS["default"])
@@ -182,8 +183,8 @@ def workspace(tmp_path_factory):
 
 def study_args(workspace, output, *extra):
     return [
-        "study", "--model", str(workspace / "tiny"), "--output", str(output), "--max-tokens", "160",
-        "--seq-len", "32", "--cpt-seq-len", "64", "--data", str(workspace / "corpus"),
+        "study", "--model", str(workspace / "tiny"), "--output", str(output), "--max-tokens", "256",
+        "--seq-len", "32", "--cpt-seq-len", "64", "--cpt-share", "0.5", "--data", str(workspace / "corpus"),
         "--set", "warmup_steps=1", "--set", "lora_rank=8", "--set", "shuffle_buffer=16",
         "--tasks", "ppl,agreement,passkey", "--lengths", "512",
         "--eval-set", "ppl_lengths=64", "--eval-set", "ppl_tokens=256", "--eval-set", "agreement_length=128",
@@ -218,17 +219,21 @@ def test_every_default_arm_trains_is_evaluated_and_reported(finished_study):
     assert {"torch", "transformers", "linearard"} <= set(results["study"]["versions"])
     assert results["study"]["device"] and not results["study"]["unfinished"] and not results["study"]["failed"]
 
-    expected_stages = {  # 160 tokens: whole steps of the block length; ard+cpt gives 75 of them to CPT
-        "cpt": [("cpt", 64, 128)],
-        "logits": [("logits", 32, 160)],
-        "hidden": [("hidden", 32, 160)],
-        "ard": [("ard", 32, 160)],
-        "ard+cpt": [("ard", 32, 64), ("cpt", 64, 64)],
+    # 256 tokens in steps of 64 (the longest block: one CPT block or two distillation blocks a step), so
+    # every single-stage arm takes 4 steps; ard+cpt gives half to CPT, and its distillation stage keeps the
+    # CPT stage's one block a step until the restore config derives a step's blocks per stage
+    expected_stages = {
+        "cpt": [("cpt", 64, 256, 4)],
+        "logits": [("logits", 32, 256, 4)],
+        "hidden": [("hidden", 32, 256, 4)],
+        "ard": [("ard", 32, 256, 4)],
+        "ard+cpt": [("ard", 32, 128, 4), ("cpt", 64, 128, 2)],
     }
     models = results["evaluation"]["models"]
     for arm, stages in expected_stages.items():
         rec = record(finished_study, arm)
-        assert [(s["objective"], s["seq_len"], s["tokens"]) for s in rec["training"]["stages"]] == stages
+        assert [(s["objective"], s["seq_len"], s["tokens"], s["steps"]) for s in rec["training"]["stages"]] == stages
+        assert rec["config"]["gradient_checkpointing"] == (arm in ("cpt", "ard+cpt"))  # long blocks only
         assert rec["training"]["tokens"] == sum(s[2] for s in stages)
         assert (finished_study / "runs" / arm / "seed-0" / "train" / "model" / "config.json").exists()
         assert models[arm]["supported_length"] == 1024  # the export carries the student's RoPE
@@ -250,7 +255,7 @@ def test_every_default_arm_trains_is_evaluated_and_reported(finished_study):
         rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")][1:]
         assert rows == DEFAULT, table
     assert "## Every run" in report and "#### agreement" in report
-    assert "recovery %" in report and "| ard+cpt | 128 | ard 64 × 32 + cpt 64 × 64 |" in report
+    assert "recovery %" in report and "| ard+cpt | 256 | ard 128 × 32 (4 steps) + cpt 128 × 64 (2 steps) |" in report
     for plot in ("ppl_vs_length.png", "passkey_native.png", "passkey_ard_cpt.png"):
         assert (finished_study / plot).stat().st_size > 0 and f"]({plot})" in report
     assert not (finished_study / "budget_curve.png").exists()  # no arm at two budgets
@@ -336,7 +341,7 @@ def test_seeds_aggregate_and_budget_curve(workspace, study_copy, monkeypatch):
     args = study_args(workspace, study_copy, "--arms", "native,scaled,ard,ard@50%[seeds=1]", "--seeds", "2")
     assert main(args) == 0
     # seed 0 of ard is reused from the first study; seed 1 and the budget arm are new
-    assert sorted((c.max_tokens, c.seed) for c in trained) == [(80, 0), (160, 1)]
+    assert sorted((c.max_tokens, c.seed) for c in trained) == [(128, 0), (256, 1)]
 
     results = json.loads((study_copy / "results.json").read_text())
     by_run = results["evaluation"]["models"]
@@ -355,4 +360,307 @@ def test_seeds_aggregate_and_budget_curve(workspace, study_copy, monkeypatch):
     report = (study_copy / "report.md").read_text()
     assert "| ard (2 seeds) |" in report and "| ard@50% |" in report
     assert "## Token budget" in report and (study_copy / "budget_curve.png").stat().st_size > 0
+    curve = report.split("## Token budget")[1]
+    assert "- `ard`: recovery" in curve and "at 128 → " in curve and "(from 128: " in curve
     assert not (study_copy / "passkey_cpt.png").exists()  # plots of arms no longer listed are removed
+
+
+# -- fairness: tokens per step, checkpointing ----------------------------------------------------------
+
+
+def test_every_arm_takes_the_same_steps_whatever_its_block_length():
+    from linearard.study.runner import step_shape
+    from linearard.training.plan import plan_stages
+
+    assert step_shape(32768, 4096, 16384) == (4, 2)  # 8 blocks: 4 per micro-batch, 2 accumulated
+    assert step_shape(32768, 32768, 16384) == (1, 1)  # one long block, even above the micro-batch size
+    assert step_shape(96, 32, 64) == (1, 3)  # 3 blocks do not split into micro-batches of 2
+    with pytest.raises(UserError, match="not a whole number of 48-token blocks"):
+        step_shape(64, 48, 64)
+
+    base = RestoreConfig(model="m", seq_len=32, cpt_seq_len=128, max_tokens=4096, lr=3e-4)
+    scaling = RopeScaling("linear", 4.0, 256, 1024)
+    steps = {}
+    for text in ("ard", "logits", "cpt", "hidden[seq_len=64]"):
+        config = arm_config(parse_arms(text)[0], base, scaling, seed=0, output="out", cpt_share=PAPER_CPT_SHARE,
+                            tokens_per_step=512, micro_batch_tokens=128)
+        stage = plan_stages(config, scaling, 1)[0]
+        assert stage.tokens_per_step == 512 and config.batch_size * config.seq_len <= 128
+        assert config.gradient_checkpointing == (config.seq_len > 32)  # long blocks recompute their layers
+        steps[text] = (stage.steps, config.seq_len, config.batch_size, config.grad_accum)
+    assert steps == {"ard": (8, 32, 4, 4), "logits": (8, 32, 4, 4), "cpt": (8, 128, 1, 4),
+                     "hidden[seq_len=64]": (8, 64, 2, 4)}
+    with pytest.raises(UserError, match=r"arm cpt: --tokens-per-step 96"):
+        arm_config(parse_arms("cpt")[0], base, scaling, seed=0, output="out", cpt_share=0.5, tokens_per_step=96)
+
+
+# -- the learning-rate sweep ------------------------------------------------------------------------------
+
+
+def test_the_sweep_picks_each_arms_best_rate_and_waits_until_it_can(workspace, tmp_path):
+    from linearard.study.runner import Study, read_json, write_json
+
+    args = study_args(workspace, tmp_path / "s", "--arms", "native,ard,ard@50%,cpt,logits[lr=5e-4]",
+                      "--lr-sweep", "1e-4,1e-3,1e-2", "--sweep-tokens", "128")
+    study = Study(settings_from_args(build_parser().parse_args(args)), log=lambda _: None)
+    runs = {r.label: r for r in study.plan()}
+    # one sweep per family (ard and ard@50% share theirs); an arm with its own lr has none
+    assert [r.label for r in study.sweep_runs] == [f"{f} lr={lr} (sweep)" for f in ("ard", "cpt")
+                                                   for lr in ("0.0001", "0.001", "0.01")]
+    assert {r.config.max_tokens for r in study.sweep_runs} == {128}
+    assert runs["ard"].pending and runs["ard@50%"].pending and not runs["logits[lr=5e-4]"].pending
+    assert study.status(runs["ard"]) == "wait"
+    assert "lr from the sweep" in describe_plan(study, [])
+
+    def finish(run, kl=None, failed=None):
+        record = {"failed": failed} if failed else {
+            "evaluation": {"fingerprint": study.fingerprint(run),
+                           "entry": {"tasks": {"agreement": {"metrics": {"kl": {"value": kl, "stderr": 0.01},
+                                                                         "top1": {"value": 0.5}}}}}}}
+        write_json(run.record_path, {"config": run.config.to_dict(), **record})
+
+    ard_sweep = study.sweep_of("ard")
+    finish(ard_sweep[0], kl=0.30)
+    finish(ard_sweep[1], kl=0.20)
+    assert study.chosen_lr("ard")[0] is None and "waits for the learning-rate sweep" in study.chosen_lr("ard")[1]
+    finish(ard_sweep[2], failed="stopped: non-finite loss at step 2")  # a diverging rate loses, it does not block
+    assert study.chosen_lr("ard") == (1e-3, "")
+    for run in study.sweep_of("cpt"):
+        finish(run, failed="stopped: non-finite loss")
+    runs = {r.label: r for r in study.plan()}
+    assert (runs["ard"].config.lr, runs["ard@50%"].config.lr) == (1e-3, 1e-3) and not runs["ard"].pending
+    assert runs["cpt"].pending and "every learning rate of its sweep failed" in study.chosen_lr("cpt")[1]
+    assert study.status(ard_sweep[2]) == "failed"  # not retried by a rerun
+    assert read_json(ard_sweep[0].record_path)["evaluation"]["entry"]
+
+
+def test_a_sweep_study_trains_the_best_rate_and_reports_the_sweep(workspace, tmp_path, monkeypatch):
+    real_restore = loop.restore
+
+    def diverging(config, **kwargs):
+        if config.lr == 3e-2:
+            raise UserError("stopped: non-finite loss at step 2")
+        return real_restore(config, **kwargs)
+
+    monkeypatch.setattr(loop, "restore", diverging)
+    output = tmp_path / "sweep"
+    assert main(study_args(workspace, output, "--arms", "native,ard", "--lr-sweep", "1e-4,1e-3,3e-2",
+                           "--sweep-tokens", "64", "--max-tokens", "128", "--tasks", "agreement")) == 0
+    results = json.loads((output / "results.json").read_text())
+    points = results["sweep"]["ard"]["points"]
+    kls = {p["lr"]: p["kl"]["value"] for p in points if not p["failed"]}
+    assert set(kls) == {1e-4, 1e-3} and "non-finite" in points[2]["failed"]
+    best = min(kls, key=kls.get)
+    assert results["sweep"]["ard"]["chosen"] == best == record(output, "ard")["config"]["lr"]
+    assert not results["study"]["failed"]  # a diverging rate is a result of the sweep, not a failed run
+    assert (output / "runs" / "ard" / "sweep" / "lr-0.0001" / "results.json").exists()
+    report = (output / "report.md").read_text()
+    assert "## Learning-rate sweep" in report and "| ard | 64 |" in report and "| failed |" in report
+    assert results["study"]["lr_sweep"] == [1e-4, 1e-3, 3e-2]
+    assert "at the learning rate of 0.0001, 0.001, 0.03 that its 64-token sweep run" in report
+
+
+# -- arms as separate jobs, merged ---------------------------------------------------------------------------
+
+
+def _job(workspace, finished_study, folder, arms, *extra):
+    """A job folder holding some of the finished study's runs, finished there (no training, no evaluation)."""
+    for arm in arms.split(","):
+        shutil.copytree(finished_study / "runs" / arm, folder / "runs" / arm)
+    assert main(study_args(workspace, folder, "--arms", arms, *extra)) == 0
+    return folder
+
+
+def test_merging_job_folders_gives_one_report_and_refuses_disagreeing_ones(
+        workspace, finished_study, tmp_path, monkeypatch, capsys):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the merge redid a run")
+
+    monkeypatch.setattr(loop, "restore", forbidden)
+    monkeypatch.setattr(evaluation, "evaluate", forbidden)
+    ref = _job(workspace, finished_study, tmp_path / "ref", "native,scaled")
+    arms = _job(workspace, finished_study, tmp_path / "arms", "ard,cpt,logits", "--no-reference")
+    assert not (arms / "runs" / "native").exists()  # the job left the reference to another
+    merged = tmp_path / "all"
+    assert main(["study", "--merge", str(ref), str(arms), "--output", str(merged)]) == 0
+    results = json.loads((merged / "results.json").read_text())
+    assert [a["name"] for a in results["arms"]] == ["native", "scaled", "ard", "cpt", "logits"]
+    original = json.loads((finished_study / "results.json").read_text())["evaluation"]
+    for label in ("native", "ard", "cpt"):
+        assert results["evaluation"]["models"][label]["tasks"] == original["models"][label]["tasks"]
+        assert results["evaluation"]["recovery"][label] == original["recovery"][label]
+    report = (merged / "report.md").read_text()
+    assert "## ARD against each baseline" in report and "**ard vs cpt**:" in report and "--merge" in report
+    assert {(v["ard"], v["baseline"]) for v in results["verdict"]} == {("ard", "scaled"), ("ard", "cpt"),
+                                                                       ("ard", "logits")}
+
+    # a folder whose study differs in a setting that decides the numbers: one line naming both
+    other = tmp_path / "other"
+    shutil.copytree(arms, other)
+    meta = json.loads((other / "results.json").read_text())
+    meta["study"]["restore_settings"]["lr"] = 0.002
+    (other / "results.json").write_text(json.dumps(meta))
+    assert main(["study", "--merge", str(ref), str(other), "--output", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"linearard study: error: cannot merge: lr differs: 0.001 in {ref}, 0.002 in {other}"]
+    meta["study"]["restore_settings"]["lr"] = 0.001
+    meta["study"]["eval_settings"]["samples"] = 3
+    (other / "results.json").write_text(json.dumps(meta))
+    assert main(["study", "--merge", str(ref), str(other), "--output", str(tmp_path / "bad")]) == 2
+    assert "cannot merge: evaluation samples differs: 1 in" in capsys.readouterr().err
+    # the same arm in two folders; a folder that is no study
+    twin = tmp_path / "twin"
+    shutil.copytree(arms, twin)
+    assert main(["study", "--merge", str(arms), str(twin), "--output", str(tmp_path / "bad")]) == 2
+    assert f"arm ard is in both {arms} and {twin}" in capsys.readouterr().err
+    assert main(["study", "--merge", str(ref), str(tmp_path), "--output", str(tmp_path / "bad")]) == 2
+    assert "is not a study folder" in capsys.readouterr().err
+
+
+def test_a_merge_without_the_reference_evaluates_it_once(workspace, finished_study, tmp_path, monkeypatch):
+    real_evaluate = evaluation.evaluate
+    evaluated = []
+    monkeypatch.setattr(evaluation, "evaluate",
+                        lambda models, *a, **kw: evaluated.append(list(models)) or real_evaluate(models, *a, **kw))
+    arms = _job(workspace, finished_study, tmp_path / "arms", "ard", "--no-reference")
+    hidden = _job(workspace, finished_study, tmp_path / "hidden", "hidden", "--no-reference")
+    merged = tmp_path / "all"
+    assert main(["study", "--merge", str(arms), str(hidden), "--output", str(merged)]) == 0
+    assert evaluated == [["native"]]
+    assert (merged / "runs" / "native" / "results.json").exists()
+    results = json.loads((merged / "results.json").read_text())
+    assert set(results["by_arm"]["models"]) == {"native", "ard", "hidden"}
+    assert results["by_arm"]["recovery"]["native"]["mean"]["value"] == 1.0
+
+
+# -- several devices ----------------------------------------------------------------------------------------
+
+
+def test_the_scheduler_keeps_each_device_to_one_run_and_sweeps_before_their_arms():
+    import threading
+    import time
+
+    from linearard.study.parallel import Job, schedule
+
+    events, lock = [], threading.Lock()
+
+    def launch(job, device):
+        with lock:
+            events.append(("start", job.label, device, time.monotonic()))
+        time.sleep(0.05)
+        with lock:
+            events.append(("end", job.label, device, time.monotonic()))
+        if job.label == "cpt":
+            raise RuntimeError("out of memory")
+        return "exited with code 1" if job.label == "hidden" else None
+
+    jobs = [Job("native"), Job("ard lr=0.001 (sweep)"), Job("ard lr=0.01 (sweep)"), Job("cpt"), Job("hidden"),
+            Job("ard", after=("ard lr=0.001 (sweep)", "ard lr=0.01 (sweep)", "not a job"))]
+    failures = schedule(jobs, ["0", "1"], launch)
+    assert failures == {"cpt": "RuntimeError: out of memory", "hidden": "exited with code 1"}
+    starts = {e[1]: e for e in events if e[0] == "start"}
+    ends = {e[1]: e for e in events if e[0] == "end"}
+    assert set(starts) == {j.label for j in jobs}
+    assert starts["ard"][3] >= max(ends[s][3] for s in ("ard lr=0.001 (sweep)", "ard lr=0.01 (sweep)"))
+    for device in ("0", "1"):  # one run at a time on each device, and both devices used
+        spans = sorted((starts[j][3], ends[j][3]) for j in starts if starts[j][2] == device)
+        assert spans and all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+    running = max(sum(starts[j][3] <= t < ends[j][3] for j in starts) for t in (e[3] for e in events))
+    assert running == 2
+    assert [e[1] for e in sorted(events, key=lambda e: e[3]) if e[0] == "start"][:2] == ["native",
+                                                                                       "ard lr=0.001 (sweep)"]
+
+
+def test_an_interrupted_parent_stops_its_workers(tmp_path):
+    import sys
+    import threading
+    import time
+
+    from linearard.study.parallel import Job, WorkerLauncher, schedule
+
+    launch = WorkerLauncher("linearard study --output out", tmp_path, ["0"])
+    launch.program = [sys.executable, "-c", "import time; time.sleep(60)"]
+    failures = {}
+    thread = threading.Thread(target=lambda: failures.update(schedule([Job("a"), Job("b")], ["0"], launch)))
+    started = time.monotonic()
+    thread.start()
+    while not launch.running and time.monotonic() - started < 30:
+        time.sleep(0.05)
+    launch.stop(grace=10)
+    thread.join(timeout=20)
+    assert not thread.is_alive() and time.monotonic() - started < 30
+    assert "exited with code" in failures["a"] and failures["b"] == "not started: the study was interrupted"
+    assert (tmp_path / "logs" / "a.log").exists()
+
+
+@pytest.mark.slow  # two worker processes, each importing torch and transformers (a minute on a busy 2-core CI)
+def test_two_cpu_workers_run_arms_in_parallel_into_one_report(workspace, finished_study, tmp_path):
+    output = tmp_path / "parallel"
+    shutil.copytree(finished_study / "runs" / "native", output / "runs" / "native")
+    assert main(study_args(workspace, output, "--arms", "native,ard,cpt", "--devices", "cpu,cpu",
+                           "--device", "cpu")) == 0
+    logs = sorted(p.name for p in (output / "logs").iterdir())
+    assert logs == ["ard.log", "cpt.log"]  # the reference was finished: two workers, one run each
+    results = json.loads((output / "results.json").read_text())
+    assert [a["name"] for a in results["arms"] if a["finished"]] == ["native", "ard", "cpt"]
+    sequential = json.loads((finished_study / "results.json").read_text())["evaluation"]["models"]
+    for arm in ("ard", "cpt"):  # a worker process trains exactly what the study in one process trained
+        kl = results["evaluation"]["models"][arm]["tasks"]["agreement"]["metrics"]["kl"]["value"]
+        assert kl == pytest.approx(sequential[arm]["tasks"]["agreement"]["metrics"]["kl"]["value"], rel=1e-4)
+
+
+# -- cut off by a time limit ---------------------------------------------------------------------------------
+
+
+def test_a_study_cut_off_mid_training_resumes_from_its_checkpoint(workspace, finished_study, tmp_path, monkeypatch):
+    output = tmp_path / "cut"
+    shutil.copytree(finished_study / "runs" / "native", output / "runs" / "native")
+    real_write = loop.write_checkpoint
+    writes = []
+
+    def cut_after_the_first(*args, **kwargs):  # what a job's time limit does, between two steps
+        real_write(*args, **kwargs)
+        writes.append(args)
+        if len(writes) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "write_checkpoint", cut_after_the_first)
+    args = study_args(workspace, output, "--arms", "native,ard", "--set", "save_every=1")
+    assert main(args) == 130
+    assert (output / "runs" / "ard" / "seed-0" / "train" / "checkpoints").exists()
+    assert not (output / "runs" / "ard" / "seed-0" / "results.json").exists()
+    assert main(args) == 0
+    rec = record(output, "ard")
+    assert rec["training"]["resumed"] is True and rec["training"]["steps"] == 4
+    # resumed mid-run, the arm ends exactly where the uninterrupted one did
+    done = json.loads((output / "results.json").read_text())["evaluation"]["models"]["ard"]["tasks"]
+    first = json.loads((finished_study / "results.json").read_text())["evaluation"]["models"]["ard"]["tasks"]
+    assert done["agreement"]["metrics"]["kl"]["value"] == pytest.approx(
+        first["agreement"]["metrics"]["kl"]["value"], rel=1e-5)
+
+
+# -- the end-of-run agreement of `linearard restore` ---------------------------------------------------------
+
+
+def test_restore_reports_agreement_with_the_teacher(workspace, tmp_path):
+    from linearard.config import build_config
+    from linearard.training.loop import _perplexity_report, restore
+
+    config = build_config(flags=dict(
+        model=str(workspace / "tiny"), data=[str(workspace / "corpus")], seq_len=32, max_tokens=128, lora_rank=4,
+        warmup_steps=1, lr=1e-2, rope_type="linear", rope_factor=4.0, output=str(tmp_path / "run"), save_every=0,
+        export=False, eval=True, eval_tokens=128))
+    printed = []
+    result = restore(config, log=printed.append)
+    assert set(result.agreement) == {"scaled student", "restored student"}
+    scaled, restored = result.agreement["scaled student"], result.agreement["restored student"]
+    assert scaled["kl"] > 0 and 0 <= scaled["top1"] <= 1 and restored != scaled
+    summary = next(p for p in printed if p.startswith("held-out perplexity and agreement with the teacher"))
+    assert "KL to teacher" in summary and "of the agreement with the teacher lost to the RoPE scaling" in summary
+
+    # a student that beats its teacher's perplexity is called out, and agreement says how restored it is
+    text = _perplexity_report({"teacher": 20.0, "scaled student": 40.0, "restored student": 15.0}, "linear x4", 256,
+                              4096, {"scaled student": {"kl": 1.0, "top1": 0.4},
+                                     "restored student": {"kl": 0.6, "top1": 0.6}})
+    assert "restored 40% of the agreement" in text and "restored 142% of the log-perplexity" in text
+    assert "below the teacher's perplexity" in text

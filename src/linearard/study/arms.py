@@ -94,8 +94,7 @@ class Arm:
 
     @property
     def slug(self) -> str:
-        text = self.name.replace("[", "_").replace("]", "").replace(",", "_")
-        return re.sub(r"[^A-Za-z0-9@+=.%_-]+", "_", text)
+        return slugify(self.name)
 
     @property
     def has_budget(self) -> bool:
@@ -111,6 +110,12 @@ class Arm:
 
     def objectives(self) -> list[str]:
         return self.objective.split("+") if self.objective else []
+
+
+def slugify(name: str) -> str:
+    """An arm's name made file-safe: ``ard[k,v]@1M`` -> ``ard_k_v@1M``."""
+    text = name.replace("[", "_").replace("]", "").replace(",", "_")
+    return re.sub(r"[^A-Za-z0-9@+=.%_-]+", "_", text)
 
 
 def parse_arms(text: str) -> list[Arm]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ DEFAULT_ROPE = ("linear", 4.0)
 _PRESET_LINES = "\n                  ".join(f"{k} = {','.join(v)}" for k, v in PRESETS.items())
 _EPILOG = f"""\
 arms (--arms, comma-separated; quote the list in a shell, brackets are glob characters):
-  native          the original model (always evaluated: it is the reference of recovery and agreement)
+  native          the original model (evaluated even when not listed, unless --no-reference: it is
+                  the reference of recovery and agreement)
   scaled          the same weights with the student's RoPE, untrained
   cpt             next-token training on long blocks (--cpt-seq-len, default the target length)
   ard logits hidden attention
@@ -43,15 +45,24 @@ arm variants: ARM[ITEM,...]@TOKENS
                         any `linearard restore` setting, for this arm only
 
 Every trained arm starts from the same native model, the same data and data order, the same settings
-(--config / --set / flags, as in `linearard restore`) and the study's RoPE; each is exported, then
-evaluated with the same tasks and settings. Rerunning the same command skips finished runs, re-evaluates
-trained ones whose evaluation is missing, and resumes interrupted training from its last checkpoint.
+(--config / --set / flags, as in `linearard restore`), the same tokens per optimizer step and the
+study's RoPE; each is exported, then evaluated with the same tasks and settings. Rerunning the same
+command skips finished runs, re-evaluates trained ones whose evaluation is missing, and resumes
+interrupted training (a crash, a time limit) from its last checkpoint.
+
+arms as separate jobs (one GPU or machine each), one report:
+  linearard study --arms native,scaled --output study/ref
+  linearard study --arms ard --no-reference --output study/ard      # any number of these, anywhere
+  linearard study --merge study/ref study/ard --output study/all    # checks they agree, one report
+On one machine with several GPUs the runs go to the GPUs in parallel by themselves (one process per
+GPU; --devices 0,1 picks them, --devices 0 keeps one).
 
 examples:
   linearard study                                            # the default arms, PI x4, 4.25M tokens
   linearard study --rope-type yarn --seeds 2 --output runs/yarn4 --seq-len 1024 --cpt-seq-len 32768
   linearard study --arms 'native,scaled,budget,ablations' --tasks short --limit 500
   linearard study --arms 'ard[k,v]@1M,ard+logits[logits=0.1],ard+cpt[seeds=3]' --dry-run
+  linearard study --lr-sweep 1e-4,3e-4,1e-3 --sweep-tokens 1M --tokens-per-step 32768
 """
 
 
@@ -83,6 +94,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--cpt-share", type=_share, metavar="F",
                        help="fraction of a +cpt arm's tokens spent on its second stage (default: the config's "
                             f"cpt_tokens / max_tokens, else {PAPER_CPT_SHARE:.4f}, i.e. 2M of 4.25M)")
+    train.add_argument("--tokens-per-step", type=_count, metavar="N",
+                       help="tokens per optimizer step of every trained arm, whatever its block length (blocks "
+                            "per step = N / block length), so equal budgets take equal steps (default: the "
+                            "longest block length x the config's batch size x grad accumulation)")
+    train.add_argument("--micro-batch-tokens", type=_count, default=32768, metavar="N",
+                       help="most tokens per forward pass; a step accumulates micro-batches up to "
+                            "--tokens-per-step (speed and memory only; default: 32768)")
+    train.add_argument("--lr-sweep", type=_rates, metavar="LR,LR",
+                       help="learning rates each trained arm tries on --sweep-tokens first; its full run takes "
+                            "the one whose model agrees best with native (next-token KL on validation text)")
+    train.add_argument("--sweep-tokens", type=_count, metavar="N",
+                       help="training tokens of each sweep run (default: a quarter of --max-tokens)")
     train.add_argument("--data", nargs="+", metavar="PATH",
                        help="training text (default: the built-in public-domain corpus)")
     train.add_argument("--config", metavar="FILE", help="YAML restore settings, or a packaged config name")
@@ -102,6 +125,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluation.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
                             help="any evaluation setting (linearard.evaluation.EvalSettings), e.g. "
                                  "--eval-set samples=10 --eval-set ppl_lengths=256,1024 (repeatable)")
+    jobs = parser.add_argument_group("jobs")
+    jobs.add_argument("--devices", type=_devices, metavar="LIST",
+                      help="run the study's runs in parallel, one process per device: CUDA indices (0,1,2,3) or "
+                           "cpu,cpu (default: every visible GPU when there are several)")
+    jobs.add_argument("--no-reference", action="store_true",
+                      help="leave the native model's evaluation to another job (agreement still compares with "
+                           "it); for an arm job whose folder is merged later")
+    jobs.add_argument("--merge", nargs="+", metavar="DIR",
+                      help="merge finished study folders into one report in --output (training and evaluation "
+                           "options are taken from the folders); refuses folders whose settings disagree")
+    jobs.add_argument("--only", action="append", default=[], help=argparse.SUPPRESS)  # a worker's run label
     parser.add_argument("--dry-run", action="store_true",
                         help="print every run with its stages and what a rerun would do; train nothing")
 
@@ -110,6 +144,11 @@ def run(args: argparse.Namespace) -> int:
     from linearard.study import run_study
     from linearard.study.runner import Study, describe_plan
 
+    if args.merge:
+        from linearard.study.merge import merge_studies
+
+        failures = merge_studies([Path(d) for d in args.merge], Path(args.output), command=command_line(args))
+        return 1 if failures else 0
     settings = settings_from_args(args)
     if args.dry_run:
         study = Study(settings)
@@ -166,17 +205,29 @@ def settings_from_args(args: argparse.Namespace) -> StudySettings:
     if args.eval_batch_size:
         overrides["batch_size"] = args.eval_batch_size
     eval_settings = EvalSettings.for_device("cuda" if cuda else "cpu", **overrides)
+    lr_sweep = tuple(args.lr_sweep or ())
+    sweep_tokens = args.sweep_tokens or (max(1, base.max_tokens // 4) if lr_sweep else None)
+    tasks = resolve_tasks(args.tasks)
+    if "agreement" not in tasks:
+        tasks.append("agreement")  # the headline: perplexity alone can reward domain fit over restoration
     return StudySettings(
         base=base,
         arms=arms,
         seeds=args.seeds,
         cpt_share=cpt_share,
         output=Path(args.output),
-        tasks=resolve_tasks(args.tasks),
+        tasks=tasks,
         eval_settings=eval_settings,
         eval_device=None if args.device == "auto" else args.device,
         command=command_line(args),
         argv=sys.argv[1:] if sys.argv[1:2] == ["study"] else None,
+        tokens_per_step=args.tokens_per_step,
+        micro_batch_tokens=args.micro_batch_tokens,
+        lr_sweep=lr_sweep,
+        sweep_tokens=sweep_tokens,
+        reference=not args.no_reference,
+        only=tuple(args.only),
+        devices=tuple(args.devices or ()),
     )
 
 
@@ -230,13 +281,19 @@ def _whole_number(raw: str, *, optional: bool) -> int | None:
 def command_line(args: argparse.Namespace) -> str:
     """The ``linearard study`` command that reproduces `args`, every option spelled out."""
     parts = ["linearard", "study"]
+    if getattr(args, "merge", None):
+        return shlex.join([*parts, "--merge", *args.merge, "--output", args.output])
     for name in ("model", "rope_type", "rope_factor", "arms", "max_tokens", "seeds", "output", "seq_len",
-                 "cpt_seq_len", "cpt_share", "config", "device", "tasks", "limit", "eval_batch_size"):
+                 "cpt_seq_len", "cpt_share", "tokens_per_step", "micro_batch_tokens", "sweep_tokens", "config",
+                 "device", "tasks", "limit", "eval_batch_size"):
         value = getattr(args, name, None)
         if value is not None:
             parts += [f"--{name.replace('_', '-')}", str(value)]  # str(float) reads back exactly
-    if getattr(args, "lengths", None):
-        parts += ["--lengths", ",".join(map(str, args.lengths))]
+    for name in ("lengths", "lr_sweep"):
+        if getattr(args, name, None):
+            parts += [f"--{name.replace('_', '-')}", ",".join(map(str, getattr(args, name)))]
+    if getattr(args, "no_reference", False):
+        parts.append("--no-reference")
     if getattr(args, "data", None):
         parts += ["--data", *args.data]
     for item in getattr(args, "set", []):
@@ -295,3 +352,23 @@ def _lengths(text: str) -> list[int]:
     if not values or min(values) < 2:
         raise argparse.ArgumentTypeError(f"expected lengths of at least 2, got {text!r}")
     return values
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated learning rates such as 1e-4,3e-4, got {text!r}"
+                                         ) from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct positive learning rates, got {text!r}")
+    return values
+
+
+def _devices(text: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items or not all(x == "cpu" or x.isdigit() for x in items):
+        raise argparse.ArgumentTypeError(f"expected CUDA indices such as 0,1 or cpu,cpu, got {text!r}")
+    if len({x for x in items if x != "cpu"}) != sum(x != "cpu" for x in items):
+        raise argparse.ArgumentTypeError(f"a GPU is listed twice in {text!r}")
+    return items

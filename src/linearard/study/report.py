@@ -10,6 +10,8 @@ run's evaluation in full.
 - ``evaluation``: every run as `linearard.evaluation.evaluate` reports models (``meta``, ``models``,
   ``recovery`` against the native model);
 - ``by_arm``: the same with one seed-aggregated entry per arm (what the main tables show);
+- ``sweep``: per arm family the learning-rate sweep (each rate's agreement with native, the rate chosen);
+- ``verdict``: where each ARD arm wins, ties or loses against each baseline (`verdict`);
 - ``plots``: the PNG files written beside it.
 
 A seed-aggregated number is the mean over seeds with, as its ``stderr``, the standard deviation over
@@ -18,6 +20,7 @@ seeds (the spread); an arm with one seed keeps its evaluation's standard error.
 
 from __future__ import annotations
 
+import math
 import platform
 import re
 import statistics
@@ -52,6 +55,7 @@ def study_results(study: Study, runs: Sequence[Run]) -> dict[str, Any]:
         label = _arm_label(arm, len(done), len(planned))
         info = {
             "name": arm.name,
+            "base": arm.base,
             "label": label,
             "family": arm.family,
             "description": describe_arm(planned[0], study),
@@ -65,13 +69,16 @@ def study_results(study: Study, runs: Sequence[Run]) -> dict[str, Any]:
             by_arm["recovery"][label] = aggregate_recovery([per_run["recovery"][r.label] for r in done])
         arm_info.append(info)
     unfinished = [r.label for r in runs if r not in evaluated and r.label not in study.failures]
-    return {
+    results = {
         "study": _study_meta(study, unfinished),
         "arms": arm_info,
         "runs": {label: _without_entry(rec) for label, rec in records.items()},
         "evaluation": per_run,
         "by_arm": by_arm,
+        "sweep": sweep_summary(study),
     }
+    results["verdict"] = verdict(results)
+    return results
 
 
 def write_report(results: dict[str, Any], output: Path, *, plots: bool = True) -> list[Path]:
@@ -115,7 +122,8 @@ def report_text(results: dict[str, Any], plots: list[str]) -> str:
         f"# LinearARD study: {s['model']}, {rope['description']}",
         "",
         f"Every arm starts from the same native model and trains with the same data, data order and seed"
-        f" ({_seeds_text(s)}) on its token budget (default {format_tokens(s['max_tokens'])}); `+cpt` arms spend "
+        f" ({_seeds_text(s)}) on its token budget (default {format_tokens(s['max_tokens'])}) in optimizer steps of "
+        f"{s['tokens_per_step']:,} tokens whatever its block length{_sweep_phrase(s)}; `+cpt` arms spend "
         f"{s['cpt_share']:.1%} of theirs on the second, next-token stage on long blocks. `scaled` is the "
         f"untrained student (`{s['scaled_spec']}`). Every run is evaluated with the same tasks and settings; "
         "recovery % compares with the native model.",
@@ -137,9 +145,17 @@ def report_text(results: dict[str, Any], plots: list[str]) -> str:
         lines += ["**Not in the tables yet:** "
                   + "; ".join([f"{k} failed ({v})" for k, v in s["failed"].items()]
                               + [f"{k} unfinished" for k in s["unfinished"]]), ""]
+    if results["verdict"]:
+        lines += ["## ARD against each baseline", "", VERDICT_NOTE, "",
+                  *[f"- {v['text']}" for v in results["verdict"]], ""]
+    curve = budget_sentences(results)
+    if curve or BUDGET_PLOT in plots:
+        lines += ["## Token budget", "", *curve, "", _budget_table(results), ""]
+        if BUDGET_PLOT in plots:
+            lines += [f"![budget curve]({BUDGET_PLOT})", ""]
+    if results["sweep"]:
+        lines += ["## Learning-rate sweep", "", _sweep_text(results), ""]
     lines += ["## Arms", ""] + [f"- `{a['name']}`: {a['description']}" for a in results["arms"]] + [""]
-    if BUDGET_PLOT in plots:
-        lines += ["## Token budget", "", _budget_table(results), "", f"![budget curve]({BUDGET_PLOT})", ""]
     if results["evaluation"]["models"]:
         evaluation_plots = [p for p in plots if p != BUDGET_PLOT]
         lines += ["## Every run", "", *_demoted(report_markdown(results["evaluation"], evaluation_plots))]
@@ -204,6 +220,153 @@ def budget_points(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         })
     return {f: sorted(p, key=lambda x: x["tokens"]) for f, p in families.items()
             if len({x["tokens"] for x in p}) >= 2}
+
+
+# -- sweep, verdict, budget --------------------------------------------------------------------------
+
+VERDICT_NOTE = (
+    "Each line compares an ARD arm with a baseline on the same held-out text: the difference ± its "
+    "combined standard error (the two errors in quadrature; an arm run with several seeds brings its spread "
+    "over the seeds). **Wins** / **loses**: the difference is beyond "
+    "2 standard errors in ARD's favour / against it; **ties**: within 2. Next-token KL and top-1 "
+    "agreement with the native model measure restoration; perplexity and recovery can also reward "
+    "fitting the training text's domain (a student can beat its teacher there). The errors of KL and top-1 "
+    "come from single positions, which neighbouring positions make look smaller than they are; a margin "
+    "that matters should hold over several seeds."
+)
+# (label, task, metric, lower is better) of the verdict; recovery is the by-arm mean.
+VERDICT_METRICS = (
+    ("next-token KL", "agreement", "kl", True),
+    ("top-1 agreement", "agreement", "top1", False),
+    ("recovery %", None, "recovery", False),
+)
+
+
+def sweep_summary(study: Study) -> dict[str, Any]:
+    """family -> ``{"tokens", "points": [{"lr", "label", "kl", "top1", "failed"}], "chosen"}``."""
+    out: dict[str, Any] = {}
+    for run in study.sweep_runs:
+        record = read_json(run.record_path)
+        metrics = ((record.get("evaluation") or {}).get("entry") or {}).get("tasks", {}).get("agreement", {})
+        metrics = metrics.get("metrics", {})
+        family = out.setdefault(run.arm.family, {"tokens": run.config.max_tokens, "points": [], "chosen": None})
+        family["points"].append({"lr": run.sweep_lr, "label": run.label, "kl": metrics.get("kl"),
+                                 "top1": metrics.get("top1"), "failed": record.get("failed")})
+    for family, info in out.items():
+        info["chosen"] = study.chosen_lr(family)[0]
+    return out
+
+
+def verdict(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where each full-budget ARD arm (``ard``, ``ard+cpt``) wins, ties or loses against each baseline.
+
+    Returns one item per (ARD arm, baseline): ``{"ard", "baseline", "metrics": [{"name", "ard",
+    "baseline", "difference", "stderr", "outcome"}], "text"}``; outcome is ``wins``, ``ties``,
+    ``loses`` or ``n/a``.
+    """
+    by_arm = results["by_arm"]
+    labels = {a["name"]: a["label"] for a in results["arms"] if a["label"] in by_arm["models"]}
+    bases = {a["name"]: a["base"] for a in results["arms"]}
+    ard_arms = [n for n in ("ard", "ard+cpt") if n in labels]
+    baselines = [n for n in labels if n != "native" and not bases.get(n, n).startswith("ard") and "@" not in n]
+    out = []
+    for ard in ard_arms:
+        for baseline in baselines:
+            metrics = []
+            for name, task, metric, lower in VERDICT_METRICS:
+                a, b = (_verdict_cell(by_arm, labels[x], task, metric) for x in (ard, baseline))
+                metrics.append({"name": name, "ard": a, "baseline": b, **_compare(a, b, lower)})
+            pieces = [_compare_text(m) for m in metrics if m["outcome"] != "n/a"]
+            text = f"**{ard} vs {baseline}**: " + ("; ".join(pieces) if pieces else "nothing measured on both")
+            out.append({"ard": ard, "baseline": baseline, "metrics": metrics, "text": text})
+    return out
+
+
+def _verdict_cell(by_arm: dict, label: str, task: str | None, metric: str) -> dict | None:
+    if task is None:
+        return by_arm["recovery"].get(label, {}).get("mean")
+    return by_arm["models"][label]["tasks"].get(task, {}).get("metrics", {}).get(metric)
+
+
+def _compare(a: dict | None, b: dict | None, lower_is_better: bool) -> dict[str, Any]:
+    """Difference a - b, its combined standard error, and whether a wins, ties or loses (2-SE rule)."""
+    if not a or not b or is_na(a) or is_na(b):
+        return {"difference": None, "stderr": None, "outcome": "n/a"}
+    diff = a["value"] - b["value"]
+    errors = [c.get("stderr") for c in (a, b)]
+    se = math.sqrt(sum(e * e for e in errors)) if all(e is not None for e in errors) else None
+    better = diff < 0 if lower_is_better else diff > 0
+    if diff == 0 or (se is not None and abs(diff) <= 2 * se):
+        outcome = "ties"
+    else:
+        outcome = "wins" if better else "loses"
+    return {"difference": diff, "stderr": se, "outcome": outcome}
+
+
+def _compare_text(m: dict[str, Any]) -> str:
+    percent = m["name"] == "recovery %"
+    scale, digits = (100.0, 1) if percent else (1.0, 4 if m["name"] == "next-token KL" else 3)
+    a, b, d = m["ard"]["value"] * scale, m["baseline"]["value"] * scale, m["difference"] * scale
+    error = f" ± {m['stderr'] * scale:.{digits}f}" if m["stderr"] is not None else " (no standard error)"
+    return f"{m['outcome']} on {m['name']} ({a:.{digits}f} vs {b:.{digits}f}: {d:+.{digits}f}{error})"
+
+
+def budget_sentences(results: dict[str, Any]) -> list[str]:
+    """What the budget curve shows, in words: per family, first and last point, and whether the last
+    increase of the budget still moved recovery and KL beyond 2 standard errors."""
+    lines = []
+    for family, points in budget_points(results).items():
+        first, last = points[0], points[-1]
+        parts = []
+        for key, name, lower in (("recovery", "recovery", False), ("kl", "next-token KL", True)):
+            if not (first[key] and last[key]) or is_na(first[key]) or is_na(last[key]):
+                continue
+            scale, unit, digits = (100.0, " %", 1) if key == "recovery" else (1.0, "", 4)
+            step = _compare(last[key], points[-2][key], lower) if points[-2][key] else {"outcome": "n/a"}
+            tail = {"wins": "still improving", "ties": "flat within 2 standard errors",
+                    "loses": "worse", "n/a": "not measured"}[step["outcome"]]
+            parts.append(f"{name} {first[key]['value'] * scale:.{digits}f}{unit} at {format_tokens(first['tokens'])} → "
+                         f"{last[key]['value'] * scale:.{digits}f}{unit} at {format_tokens(last['tokens'])} "
+                         f"(from {format_tokens(points[-2]['tokens'])}: {tail})")
+        if parts:
+            lines.append(f"- `{family}`: " + "; ".join(parts) + ".")
+    return lines
+
+
+def _sweep_text(results: dict[str, Any]) -> str:
+    sweep = results["sweep"]
+    rates = sorted({p["lr"] for info in sweep.values() for p in info["points"]})
+    rows = ["Each arm trained at every rate on the sweep budget; the full run took the rate whose model had "
+            "the lowest next-token KL to the native model on validation text (Othello, King Lear, Macbeth) "
+            "that no short-text evaluation uses. Cells: KL ± standard error (top-1 agreement).", "",
+            "| arm | sweep tokens | " + " | ".join(f"lr {r:g}" for r in rates) + " | chosen |",
+            "|---|---|" + "---|" * len(rates) + "---|"]
+    for family, info in sweep.items():
+        cells = []
+        for rate in rates:
+            point = next((p for p in info["points"] if p["lr"] == rate), None)
+            if point is None:
+                cells.append("")
+            elif point["failed"]:
+                cells.append("failed")
+            elif not point["kl"] or is_na(point["kl"]):
+                cells.append("not run yet")
+            else:
+                text = format_cell(point["kl"], digits=4)
+                if point["top1"] and not is_na(point["top1"]):
+                    text += f" ({point['top1']['value']:.3f})"
+                cells.append(f"**{text}**" if rate == info["chosen"] else text)
+        chosen = f"{info['chosen']:g}" if info["chosen"] is not None else "—"
+        rows.append(f"| {family} | {format_tokens(info['tokens'])} | " + " | ".join(cells) + f" | {chosen} |")
+    return "\n".join(rows)
+
+
+def _sweep_phrase(s: dict[str, Any]) -> str:
+    if not s.get("lr_sweep"):
+        return ""
+    rates = ", ".join(f"{r:g}" for r in s["lr_sweep"])
+    return (f", at the learning rate of {rates} that its {format_tokens(s['sweep_tokens'])}-token sweep run "
+            "found closest to the native model")
 
 
 # -- pieces -----------------------------------------------------------------------------------------
@@ -297,7 +460,7 @@ def _training_summary(trainings: Sequence[dict | None]) -> dict[str, Any]:
 
 def _training_table(results: dict[str, Any]) -> str:
     rows = ["### Training", "",
-            "| arm | tokens | stages (tokens × block length) | train time | GPU time | peak GPU memory |",
+            "| arm | tokens | stages (tokens × block length, steps) | train time | GPU time | peak GPU memory |",
             "|---|---|---|---|---|---|"]
     for info in results["arms"]:
         t = info["training"]
@@ -307,7 +470,8 @@ def _training_table(results: dict[str, Any]) -> str:
         if not t:
             rows.append(f"| {info['label']} | not trained yet | | | | |")
             continue
-        stages = " + ".join(f"{s['objective']} {format_tokens(s['tokens'])} × {s['seq_len']}" for s in t["stages"])
+        stages = " + ".join(f"{s['objective']} {format_tokens(s['tokens'])} × {s['seq_len']} ({s['steps']} steps)"
+                            for s in t["stages"])
         time_text = _duration(t["seconds"])
         if t["seconds_spread"] is not None:
             time_text += f" ± {_duration(t['seconds_spread'])}"
@@ -348,6 +512,10 @@ def _study_meta(study: Study, unfinished: list[str]) -> dict[str, Any]:
         if training:
             gpu_seconds += training["seconds"] * training["gpus"]
     cuda = torch.cuda.is_available() and s.base.device != "cpu"
+    for run in study.sweep_runs:
+        training = read_json(run.record_path).get("training")
+        if training:
+            gpu_seconds += training["seconds"] * training["gpus"]
     return {
         "command": s.command,
         "argv": s.argv,
@@ -361,10 +529,14 @@ def _study_meta(study: Study, unfinished: list[str]) -> dict[str, Any]:
         "seed": s.base.seed,
         "max_tokens": s.base.max_tokens,
         "cpt_share": s.cpt_share,
+        "tokens_per_step": study.tokens_per_step,
+        "lr_sweep": list(s.lr_sweep),
+        "sweep_tokens": s.sweep_tokens if s.lr_sweep else None,
         # What every trained arm shares; the arm-specific settings are in each run's record.
         "restore_settings": {k: v for k, v in s.base.to_dict().items() if k not in PER_RUN_SETTINGS},
         "tasks": s.tasks,
         "eval_settings": study.fingerprint()["settings"],
+        "eval_fingerprint": study.fingerprint(),
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})",
         "gpu_seconds": gpu_seconds,
         "versions": _versions(),

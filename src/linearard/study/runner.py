@@ -8,12 +8,22 @@ Layout of the output folder::
       runs/scaled/results.json             the untrained scaled student, evaluated
       runs/<arm>/seed-<n>/train/           a `linearard restore` run folder (checkpoints, logs, model/)
       runs/<arm>/seed-<n>/results.json     that run's config, training numbers and evaluation
+      runs/<arm>/sweep/lr-<lr>/            a learning-rate sweep run of that arm (``--lr-sweep``)
+      logs/<run>.log                       a run's output when runs go to several devices (``--devices``)
 
 A run is finished when its ``results.json`` holds an evaluation made with the current evaluation
 settings (and, for a trained run, its exported model exists): a rerun of the same command skips it.
 A trained run whose export exists is only re-evaluated; one with checkpoints but no export resumes
 training from its newest checkpoint. A finished run whose settings differ from the command's is an
 error rather than a silent mix of two studies in one table.
+
+Fairness: every trained run gets the same number of tokens per optimizer step (``--tokens-per-step``,
+whatever its block length: `step_shape`), so arms with the same budget take the same number of steps;
+arms on blocks longer than the distillation arms' recompute their layers in the backward pass (gradient
+checkpointing) so that their memory stays near the others'. With ``--lr-sweep`` each trained arm first
+runs every learning rate of the sweep on ``--sweep-tokens`` and keeps the one whose model agrees best
+with the native model (lowest next-token KL on validation text that no evaluation uses), then trains
+its full budget at that rate.
 
 Evaluation: every run is scored with the same tasks and `EvalSettings`. The reference (native) model
 runs every task once. For the other runs the tasks that compare with the reference (agreement, chat)
@@ -41,13 +51,15 @@ from linearard.config import RestoreConfig
 from linearard.errors import UserError
 from linearard.evaluation.settings import EvalSettings
 from linearard.models.rope import RopeScaling
-from linearard.study.arms import Arm, format_tokens
+from linearard.study.arms import Arm, format_tokens, slugify
 from linearard.training.loop import RESUMABLE_CHANGES
 from linearard.training.plan import Stage
 
 # Tasks whose scores compare a model with the reference inside `evaluate`.
 REFERENCE_TASKS = ("agreement", "chat")
 REFERENCE = "native"
+# The sweep's validation text: a long held-out document that no evaluation task scores on short windows.
+SWEEP_TEXTS = ("tragedies",)
 RECORD = "results.json"
 EXPORT = Path("train") / "model"
 
@@ -80,6 +92,13 @@ class StudySettings:
     eval_device: str | None = None
     command: str = ""
     argv: list[str] | None = None
+    tokens_per_step: int | None = None  # None: the longest first-stage block x batch size x grad accumulation
+    micro_batch_tokens: int = 32768
+    lr_sweep: tuple[float, ...] = ()
+    sweep_tokens: int | None = None
+    reference: bool = True  # evaluate the native model here even when --arms does not list it
+    only: tuple[str, ...] = ()  # run labels to carry out (a worker of --devices); empty: all
+    devices: tuple[str, ...] = ()  # run on these devices in parallel, one worker process per device
 
 
 @dataclass
@@ -93,6 +112,12 @@ class Run:
     config: RestoreConfig | None = None
     stages: list[Stage] = field(default_factory=list)
     label: str = ""  # the row name in per-run tables
+    sweep_lr: float | None = None  # set for a run of the learning-rate sweep
+    pending: bool = False  # its learning rate waits for the sweep
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.sweep_lr is not None
 
     @property
     def record_path(self) -> Path:
@@ -100,17 +125,30 @@ class Run:
 
 
 def arm_config(
-    arm: Arm, base: RestoreConfig, scaling: RopeScaling, *, seed: int, output: Path, cpt_share: float
+    arm: Arm,
+    base: RestoreConfig,
+    scaling: RopeScaling,
+    *,
+    seed: int,
+    output: Path | str,
+    cpt_share: float,
+    tokens_per_step: int | None = None,
+    micro_batch_tokens: int = 32768,
+    budget: int | None = None,
+    lr: float | None = None,
 ) -> RestoreConfig:
     """The restore settings of one trained run of `arm`.
 
     Every arm starts from ``base`` (same model, data, data order, optimiser) with the study's RoPE; the
-    arm sets the objective, the token budget and its stages, then its own ``KEY=VALUE`` settings.
+    arm sets the objective, the token budget (``budget`` replaces it, for a sweep run) and its stages,
+    then its own ``KEY=VALUE`` settings. With `tokens_per_step` the arm's batch size and accumulation
+    give every optimizer step that many tokens (`step_shape`); `lr` (a sweep's) applies unless the arm
+    sets its own. An arm on blocks longer than ``base.seq_len`` gets gradient checkpointing.
 
     Raises:
         UserError: the arm's settings are invalid (the message names the arm).
     """
-    budget = arm.tokens(base.max_tokens)
+    budget = arm.tokens(base.max_tokens) if budget is None else budget
     names = arm.objectives()
     kept_weights = {k: w for k, w in base.weights.items() if k in names}
     values: dict[str, Any] = {
@@ -128,70 +166,154 @@ def arm_config(
         "resume": False,
         "dry_run": False,
     }
+    if lr is not None:
+        values["lr"] = lr
     if arm.objective == "cpt":
         values["seq_len"] = base.cpt_seq_len or scaling.target_length  # continual pre-training on long blocks
     if arm.relations:
         values["relations"] = dict(arm.relations)
     if arm.layers:
         values["layers"] = arm.layers
-    values.update(dict(arm.settings))
+    own = dict(arm.settings)
+    values.update(own)
     try:
+        seq_len = values.get("seq_len", base.seq_len)
+        longest = seq_len
+        if arm.cpt_stage:
+            longest = max(seq_len, values.get("cpt_seq_len", base.cpt_seq_len) or scaling.target_length)
+        if longest > base.seq_len and "gradient_checkpointing" not in own:
+            values["gradient_checkpointing"] = True  # long blocks: keep memory near the short-block arms'
+        if tokens_per_step and not {"batch_size", "grad_accum"} & set(own):
+            # One block count serves both stages of a +cpt arm (until the restore config derives it per
+            # stage): the long blocks' keeps its CPT steps at tokens_per_step and shortens its first stage's.
+            values["batch_size"], values["grad_accum"] = step_shape(tokens_per_step, longest, micro_batch_tokens)
         return dataclasses.replace(base, **values).validate()
     except UserError as err:
         raise UserError(f"arm {arm.name}: {err}") from None
 
 
+def step_shape(tokens_per_step: int, seq_len: int, micro_batch_tokens: int) -> tuple[int, int]:
+    """``(batch_size, grad_accum)`` that give an optimizer step `tokens_per_step` tokens in `seq_len`-token blocks.
+
+    The micro-batch is the largest whole share of the step's blocks within `micro_batch_tokens` (at
+    least one block); only speed and memory depend on it, not the step. A ``+cpt`` arm's two stages
+    share one block count, that of its long blocks, so its first stage's steps are as many times
+    shorter as its blocks are (until the restore config derives a step's blocks per stage).
+
+    Example:
+        >>> step_shape(32768, 4096, 16384), step_shape(32768, 32768, 16384)
+        ((4, 2), (1, 1))
+
+    Raises:
+        UserError: `tokens_per_step` is not a whole number of blocks.
+    """
+    if tokens_per_step < seq_len or tokens_per_step % seq_len:
+        raise UserError(
+            f"--tokens-per-step {tokens_per_step} is not a whole number of {seq_len}-token blocks; "
+            "give a multiple of every arm's block length"
+        )
+    blocks = tokens_per_step // seq_len
+    batch = max(d for d in range(1, blocks + 1) if blocks % d == 0 and (d == 1 or d * seq_len <= micro_batch_tokens))
+    return batch, blocks // batch
+
+
 class Study:
-    """Plans and carries out a study's runs; `linearard.study.report` turns their records into the report."""
+    """Plans and carries out a study's runs; `linearard.study.report` turns their records into the report.
+
+    After `plan`: ``runs`` (the table's runs, in order), ``sweep_runs`` (the learning-rate sweep) and
+    ``reference`` (the native model's run, which agreement compares with even when it is not in
+    ``runs``).
+    """
 
     def __init__(self, settings: StudySettings, log: Log = print):
         self.s = settings
         self.log = log
         self.failures: dict[str, str] = {}
+        self.runs: list[Run] = []
+        self.sweep_runs: list[Run] = []
 
     # -- planning -----------------------------------------------------------------------------------
 
     def plan(self) -> list[Run]:
         """Resolve the RoPE and every run's settings and stages, before anything is trained.
 
+        A run whose learning rate comes from a sweep that has not finished is planned with the base
+        learning rate and marked ``pending``; `resolve_lr` sets it once the sweep is done.
+
         Raises:
             UserError: any arm's settings or budget are invalid (nothing has run yet).
         """
-        from linearard.training.plan import plan_stages, read_model_meta, resolve_scaling
+        from linearard.training.plan import read_model_meta, resolve_scaling
 
         base = self.s.base
         if base.strategy != "none":
-            raise UserError("a study trains its arms one after another in one process; leave --strategy at none")
+            raise UserError("a study trains each arm in one process; leave --strategy at none")
         model_config = read_model_meta(base.model)[0]
         self.scaling = resolve_scaling(base, model_config)
         self.num_layers = model_config.num_hidden_layers
+        self.tokens_per_step = self.s.tokens_per_step or self._automatic_tokens_per_step()
         scaled_spec = f"{base.model}@{self.scaling.rope_type}:{self.scaling.factor:g}"
         runs_dir = self.s.output / "runs"
-        runs: list[Run] = []
+        native = Arm(name=REFERENCE, base=REFERENCE, family=REFERENCE)
+        self.reference = Run(native, None, runs_dir / native.slug, base.model, label=REFERENCE)
         arms = self.s.arms
-        if not any(a.base == REFERENCE for a in arms):
-            arms = [Arm(name=REFERENCE, base=REFERENCE, family=REFERENCE), *arms]  # recovery needs it
+        if self.s.reference and not any(a.base == REFERENCE for a in arms):
+            arms = [native, *arms]  # recovery needs it
+        runs: list[Run] = []
+        sweeps: list[Run] = []
+        swept: set[str] = set()
         for arm in arms:
             if not arm.trains:
                 spec = base.model if arm.base == REFERENCE else scaled_spec
-                runs.append(Run(arm, None, runs_dir / arm.slug, spec, label=arm.name))
+                runs.append(self.reference if arm.base == REFERENCE else
+                            Run(arm, None, runs_dir / arm.slug, spec, label=arm.name))
                 continue
+            if self._swept(arm) and arm.family not in swept:
+                swept.add(arm.family)
+                for lr in self.s.lr_sweep:
+                    folder = runs_dir / slugify(arm.family) / "sweep" / f"lr-{lr:g}"
+                    run = Run(arm, base.seed, folder, str(folder / EXPORT), label=sweep_label(arm.family, lr),
+                              sweep_lr=lr)
+                    self._configure(run, budget=self.s.sweep_tokens, lr=lr)
+                    sweeps.append(run)
             seeds = arm.seeds or self.s.seeds
             for i in range(seeds):
                 seed = base.seed + i
                 folder = runs_dir / arm.slug / f"seed-{seed}"
-                config = arm_config(arm, base, self.scaling, seed=seed, output=folder / "train",
-                                    cpt_share=self.s.cpt_share)
-                try:
-                    stages = plan_stages(config, self.scaling, 1)
-                    self._check_layers(config)
-                except UserError as err:
-                    raise UserError(f"arm {arm.name}: {err}") from None
                 label = arm.name if seeds == 1 else f"{arm.name} (seed {seed})"
-                runs.append(Run(arm, seed, folder, str(folder / EXPORT), config, stages, label))
-        self.runs = runs
-        self.reference = next(r for r in runs if r.arm.base == REFERENCE)
+                run = Run(arm, seed, folder, str(folder / EXPORT), label=label)
+                self._configure(run)
+                runs.append(run)
+        self.runs, self.sweep_runs = runs, sweeps
+        for run in runs:
+            if run.arm.trains and self._swept(run.arm):
+                self.resolve_lr(run, strict=False)
         return runs
+
+    def _swept(self, arm: Arm) -> bool:
+        """Whether `arm` takes its learning rate from the sweep (a trained arm without its own lr)."""
+        return bool(self.s.lr_sweep) and arm.trains and "lr" not in dict(arm.settings)
+
+    def _automatic_tokens_per_step(self) -> int:
+        """Without --tokens-per-step: one long block (--cpt-seq-len, else the target length) per micro-batch
+        slot, i.e. that length x the base batch size x grad accumulation; the same whichever arms are listed."""
+        base = self.s.base
+        long = base.cpt_seq_len or self.scaling.target_length
+        return math.lcm(base.seq_len, long) * base.batch_size * base.grad_accum
+
+    def _configure(self, run: Run, *, budget: int | None = None, lr: float | None = None) -> None:
+        from linearard.training.plan import plan_stages
+
+        arm = run.arm
+        config = arm_config(arm, self.s.base, self.scaling, seed=run.seed, output=run.folder / "train",
+                            cpt_share=self.s.cpt_share, tokens_per_step=self.tokens_per_step,
+                            micro_batch_tokens=self.s.micro_batch_tokens, budget=budget, lr=lr)
+        try:
+            run.stages = plan_stages(config, self.scaling, 1)
+            self._check_layers(config)
+        except UserError as err:
+            raise UserError(f"arm {arm.name}{' (sweep)' if run.is_sweep else ''}: {err}") from None
+        run.config = config
 
     def _check_layers(self, config: RestoreConfig) -> None:
         from linearard.objectives import select_layers
@@ -199,29 +321,76 @@ class Study:
         if config.layers != "all" and set(config.objective.split("+")) & {"ard", "attention", "hidden"}:
             select_layers(config.layers, self.num_layers)
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What must match for an earlier evaluation to count: tasks, settings, device type."""
+    def sweep_of(self, family: str) -> list[Run]:
+        return [r for r in self.sweep_runs if r.arm.family == family]
+
+    def chosen_lr(self, family: str) -> tuple[float | None, str]:
+        """The sweep's best learning rate of `family` and why: ``(lr, "")``, or ``(None, reason)`` while
+        some sweep run is unfinished or when every one of them failed."""
+        best, waiting = None, []
+        for run in self.sweep_of(family):
+            record = read_json(run.record_path)
+            if record.get("failed"):
+                continue
+            evaluation = record.get("evaluation") or {}
+            if evaluation.get("fingerprint") != self.fingerprint(run):
+                waiting.append(run.label)
+                continue
+            kl = evaluation["entry"]["tasks"]["agreement"]["metrics"]["kl"]["value"]
+            if kl is not None and (best is None or kl < best[0]):
+                best = (kl, run.sweep_lr)
+        if waiting:
+            return None, f"waits for the learning-rate sweep ({', '.join(waiting)})"
+        if best is None:
+            return None, f"every learning rate of its sweep failed ({', '.join(map(str, self.s.lr_sweep))})"
+        return best[1], ""
+
+    def resolve_lr(self, run: Run, *, strict: bool = True) -> None:
+        """Give `run` its sweep's learning rate (``pending`` while the sweep is unfinished).
+
+        Raises:
+            UserError: with `strict`, the sweep is unfinished or every run of it failed.
+        """
+        lr, reason = self.chosen_lr(run.arm.family)
+        if lr is None:
+            if strict:
+                raise UserError(f"arm {run.label}: {reason}")
+            run.pending = True
+            return
+        self._configure(run, lr=lr)
+        run.pending = False
+
+    def fingerprint(self, run: Run | None = None) -> dict[str, Any]:
+        """What must match for an earlier evaluation to count: tasks, settings, device type (and, for a
+        sweep run, its validation text)."""
         device = self.s.eval_device or ("cuda" if torch.cuda.is_available() else "cpu")
         value = {"tasks": self.s.tasks, "settings": dataclasses.asdict(self.s.eval_settings),
                  "device": torch.device(device).type}
+        if run is not None and run.is_sweep:
+            value.update(tasks=["agreement"], texts=sorted(SWEEP_TEXTS))
         return json.loads(json.dumps(value))  # tuples -> lists, as read back from a file
 
     def status(self, run: Run) -> str:
-        """``done``, ``evaluate`` (trained, not evaluated), ``resume`` (checkpoints, no export) or ``train``.
+        """``done``, ``evaluate`` (trained, not evaluated), ``resume`` (checkpoints, no export), ``train``,
+        ``wait`` (its learning rate waits for the sweep) or ``failed`` (a sweep run that failed before).
 
         Raises:
             UserError: the folder holds a run made with other settings.
         """
         from linearard.training.checkpoint import latest_checkpoint
 
+        if run.pending:
+            return "wait"
         record = read_json(run.record_path)
         if record:
             self._check_same_settings(run, record)
+        if run.is_sweep and record.get("failed"):
+            return "failed"
         trained = not run.arm.trains or ("training" in record and (run.folder / EXPORT / "config.json").exists())
         if not trained:
             return "resume" if latest_checkpoint(run.folder / "train") is not None else "train"
         evaluation = record.get("evaluation") or {}
-        return "done" if evaluation.get("fingerprint") == self.fingerprint() else "evaluate"
+        return "done" if evaluation.get("fingerprint") == self.fingerprint(run) else "evaluate"
 
     def _check_same_settings(self, run: Run, record: dict) -> None:
         where = f"{run.folder} holds a run of arm {run.arm.name} made with other settings"
@@ -237,6 +406,32 @@ class Study:
             details = ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed[:3])
             raise UserError(f"{where} ({details}); {hint}")
 
+    def todo(self) -> list[Run]:
+        """The unfinished runs in the order they run: the reference, the sweep, then the arms.
+
+        With ``only`` (a worker of --devices) just those runs, by label.
+
+        Raises:
+            UserError: ``only`` names a run that is not in the plan.
+        """
+        every = self.every_run()
+        statuses = {r.label: self.status(r) for r in every}  # every folder checked before any work
+        # The reference first: without it nothing can be compared, so a problem with it should stop the study early.
+        todo = [r for r in every if statuses[r.label] not in ("done", "failed")]
+        if self.s.only:
+            labels = {r.label for r in every}
+            unknown = [label for label in self.s.only if label not in labels]
+            if unknown:
+                raise UserError(f"no run {unknown[0]!r} in this study")
+            todo = [r for r in todo if r.label in self.s.only]
+        return todo
+
+    def every_run(self) -> list[Run]:
+        """The reference (where this study evaluates it), the sweep runs, then every other run."""
+        rest = [r for r in self.runs if r is not self.reference]
+        head = [self.reference] if self.reference in self.runs else []
+        return head + self.sweep_runs + rest
+
     # -- running ------------------------------------------------------------------------------------
 
     def run(self, on_progress: Callable[[list[Run]], None] | None = None) -> list[Run]:
@@ -248,27 +443,42 @@ class Study:
         """
         runs = self.plan()
         self.s.output.mkdir(parents=True, exist_ok=True)
-        statuses = {r.label: self.status(r) for r in runs}  # every folder checked before any work
-        # The reference first: without it nothing can be compared, so a problem with it should stop the study early.
-        todo = sorted((r for r in runs if statuses[r.label] != "done"), key=lambda r: r.arm.base != REFERENCE)
-        self.log(f"study: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to do")
+        todo = self.todo()
+        total = len(self.every_run())
+        self.log(f"study: {total} runs, {total - len(todo)} already finished, {len(todo)} to do")
         for index, run in enumerate(todo, 1):
-            state = self.status(run)
-            self.log(f"study: [{index}/{len(todo)}] {run.label}: {_DOING[state]}")
-            try:
-                if state in ("train", "resume"):
-                    self._train(run, resume=state == "resume")
-                self._evaluate(run)
-            except UserError as err:
-                if run.arm.base == REFERENCE:
-                    raise  # nothing can be compared without the reference
-                self.failures[run.label] = str(err)
-                self.log(f"study: {run.label} failed: {err}")
-            finally:
-                _free_memory()
+            self.run_one(run, f"[{index}/{len(todo)}] ")
             if on_progress:
                 on_progress(runs)
         return runs
+
+    def run_one(self, run: Run, prefix: str = "") -> bool:
+        """Train (or resume) and evaluate one run; returns whether it finished.
+
+        Raises:
+            UserError: the reference failed (nothing can be compared without it).
+        """
+        try:
+            if run.pending:
+                self.resolve_lr(run)
+                self.log(f"study: {run.label}: learning rate {run.config.lr:g}, the best of its sweep")
+            state = self.status(run)
+            self.log(f"study: {prefix}{run.label}: {_DOING[state]}")
+            if state in ("train", "resume"):
+                self._train(run, resume=state == "resume")
+            self._evaluate(run)
+            return True
+        except UserError as err:
+            if run is self.reference:
+                raise
+            self.log(f"study: {run.label} failed: {err}")
+            if run.is_sweep:  # a rate that diverges is a result of the sweep (its table says so), not a failure
+                write_json(run.record_path, self._record(run, failed=str(err)))
+            else:
+                self.failures[run.label] = str(err)
+            return False
+        finally:
+            _free_memory()
 
     def _train(self, run: Run, *, resume: bool) -> None:
         from linearard.training.loop import restore
@@ -293,7 +503,7 @@ class Study:
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
             "stages": [
                 {"name": s.name, "objective": s.objective, "seq_len": s.seq_len, "steps": s.steps,
-                 "tokens": s.tokens}
+                 "tokens": s.tokens, "tokens_per_step": s.tokens_per_step}
                 for s in result.plan.stages
             ],
             "last_metrics": result.last_metrics,
@@ -306,9 +516,13 @@ class Study:
 
         kwargs = {"device": self.s.eval_device, "seed": self.s.eval_settings.seed, "settings": self.s.eval_settings}
         started = time.perf_counter()
-        if run.arm.base == REFERENCE:
+        if run is self.reference:
             res = evaluate({REFERENCE: run.spec}, self.s.tasks, **kwargs)
             entry, meta = res["models"][REFERENCE], res["meta"]
+        elif run.is_sweep:
+            res = evaluate({REFERENCE: self.reference.spec, run.label: run.spec}, ["agreement"],
+                           reference=REFERENCE, heldout_texts=sweep_texts(), **kwargs)
+            entry, meta = res["models"][run.label], res["meta"]
         else:
             relative = [t for t in self.s.tasks if t in REFERENCE_TASKS]
             own = [t for t in self.s.tasks if t not in REFERENCE_TASKS]
@@ -326,7 +540,7 @@ class Study:
         if run.arm.trains:
             entry["spec"] = os.path.relpath(run.spec, self.s.output)
         evaluation = {
-            "fingerprint": self.fingerprint(),
+            "fingerprint": self.fingerprint(run),
             "seconds": round(time.perf_counter() - started, 2),
             "entry": entry,
             "meta": meta,
@@ -336,6 +550,8 @@ class Study:
     def _record(self, run: Run, **parts: Any) -> dict[str, Any]:
         record = read_json(run.record_path)
         record.update(arm=run.arm.name, label=run.label, seed=run.seed, trains=run.arm.trains)
+        if run.is_sweep:
+            record["sweep_lr"] = run.sweep_lr
         if run.arm.trains:
             record["config"] = run.config.to_dict()
             record["planned_stages"] = [dataclasses.asdict(s) for s in run.stages]
@@ -348,10 +564,24 @@ class Study:
 
     def records(self) -> dict[str, dict]:
         """label -> record, for every run of the plan whose folder holds one."""
-        return {r.label: read_json(r.record_path) for r in self.runs}
+        return {r.label: read_json(r.record_path) for r in self.every_run()}
+
+
+def sweep_label(family: str, lr: float) -> str:
+    return f"{family} lr={lr:g} (sweep)"
+
+
+def sweep_texts() -> dict[str, str]:
+    """The sweep's validation text: held out from training and from every evaluation task's short texts."""
+    from linearard.data import long_texts
+
+    texts = long_texts()
+    return {name: texts[name] for name in SWEEP_TEXTS}
 
 
 _DOING = {
+    "wait": "waiting for its learning-rate sweep",
+    "failed": "failed before (delete its folder to retry)",
     "train": "training",
     "resume": "resuming training from its newest checkpoint",
     "evaluate": "evaluating",
@@ -363,15 +593,23 @@ def describe_plan(study: Study, runs: list[Run]) -> str:
     """The runs a study will make, with their stages and what a rerun would do (``--dry-run``)."""
     s = study.scaling
     lines = [
-        f"linearard study: {study.s.base.model}, RoPE {s.describe()}, {len(runs)} runs into {study.s.output}",
+        f"linearard study: {study.s.base.model}, RoPE {s.describe()}, {len(study.every_run())} runs into "
+        f"{study.s.output}",
+        f"every optimizer step: {study.tokens_per_step} tokens",
         f"evaluation: {', '.join(study.s.tasks)}",
     ]
-    for run in runs:
+    if study.sweep_runs:
+        lines.append(f"learning-rate sweep: {', '.join(f'{lr:g}' for lr in study.s.lr_sweep)} on "
+                     f"{format_tokens(study.s.sweep_tokens)} tokens per arm, best by next-token KL to native")
+    for run in study.every_run():
         state = study.status(run)
         if run.arm.trains:
             stages = " then ".join(
-                f"{st.objective}: {format_tokens(st.tokens)} tokens in {st.seq_len}-token blocks" for st in run.stages
+                f"{st.objective}: {format_tokens(st.tokens)} tokens in {st.steps} steps of "
+                f"{st.tokens_per_step // st.seq_len} x {st.seq_len}" for st in run.stages
             )
+            lr = "lr from the sweep" if run.pending else f"lr {run.config.lr:g}"
+            stages += f", {lr}" + (", gradient checkpointing" if run.config.gradient_checkpointing else "")
         else:
             stages = f"no training ({run.spec})"
         lines.append(f"  {run.label:<28} {stages}  [{state}]")
