@@ -369,29 +369,23 @@ def test_seeds_aggregate_and_budget_curve(workspace, study_copy, monkeypatch):
 
 
 def test_every_arm_takes_the_same_steps_whatever_its_block_length():
-    from linearard.study.runner import step_shape
-    from linearard.training.plan import plan_stages
-
-    assert step_shape(32768, 4096, 16384) == (4, 2)  # 8 blocks: 4 per micro-batch, 2 accumulated
-    assert step_shape(32768, 32768, 16384) == (1, 1)  # one long block, even above the micro-batch size
-    assert step_shape(96, 32, 64) == (1, 3)  # 3 blocks do not split into micro-batches of 2
-    with pytest.raises(UserError, match="not a whole number of 48-token blocks"):
-        step_shape(64, 48, 64)
+    from linearard.training.plan import ModelShape, plan_stages
+    from tiny import tiny_model
 
     base = RestoreConfig(model="m", seq_len=32, cpt_seq_len=128, max_tokens=4096, lr=3e-4)
     scaling = RopeScaling("linear", 4.0, 256, 1024)
+    model = tiny_model("llama")
+    shape = ModelShape.of(model, model.config)
     steps = {}
-    for text in ("ard", "logits", "cpt", "hidden[seq_len=64]"):
-        config = arm_config(parse_arms(text)[0], base, scaling, seed=0, output="out", cpt_share=PAPER_CPT_SHARE,
-                            tokens_per_step=512, micro_batch_tokens=128)
-        stage = plan_stages(config, scaling, 1)[0]
-        assert stage.tokens_per_step == 512 and config.batch_size * config.seq_len <= 128
-        assert config.gradient_checkpointing == (config.seq_len > 32)  # long blocks recompute their layers
-        steps[text] = (stage.steps, config.seq_len, config.batch_size, config.grad_accum)
-    assert steps == {"ard": (8, 32, 4, 4), "logits": (8, 32, 4, 4), "cpt": (8, 128, 1, 4),
-                     "hidden[seq_len=64]": (8, 64, 2, 4)}
-    with pytest.raises(UserError, match=r"arm cpt: --tokens-per-step 96"):
-        arm_config(parse_arms("cpt")[0], base, scaling, seed=0, output="out", cpt_share=0.5, tokens_per_step=96)
+    for text in ("ard", "logits", "cpt", "hidden[seq_len=64]", "ard+cpt"):
+        config = arm_config(parse_arms(text)[0], base, scaling, seed=0, output="out", cpt_share=0.5,
+                            tokens_per_step=512)
+        stages = plan_stages(config, scaling, shape, world_size=1, device="cpu", bf16=False)
+        assert all(stage.tokens_per_step == 512 for stage in stages)
+        assert config.gradient_checkpointing == (max(s.seq_len for s in stages) > 32)  # long blocks recompute
+        steps[text] = [(stage.steps, stage.seq_len, stage.batch_size * stage.grad_accum) for stage in stages]
+    assert steps == {"ard": [(8, 32, 16)], "logits": [(8, 32, 16)], "cpt": [(8, 128, 4)],
+                     "hidden[seq_len=64]": [(8, 64, 8)], "ard+cpt": [(4, 32, 16), (4, 128, 4)]}
 
 
 # -- the learning-rate sweep ------------------------------------------------------------------------------

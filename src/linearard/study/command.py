@@ -98,9 +98,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="tokens per optimizer step of every trained arm, whatever its block length (blocks "
                             "per step = N / block length), so equal budgets take equal steps (default: the "
                             "longest block length x the config's batch size x grad accumulation)")
-    train.add_argument("--micro-batch-tokens", type=_count, default=32768, metavar="N",
-                       help="most tokens per forward pass; a step accumulates micro-batches up to "
-                            "--tokens-per-step (speed and memory only; default: 32768)")
     train.add_argument("--lr-sweep", type=_rates, metavar="LR,LR",
                        help="learning rates each trained arm tries on --sweep-tokens first; its full run takes "
                             "the one whose model agrees best with native (next-token KL on validation text)")
@@ -222,7 +219,6 @@ def settings_from_args(args: argparse.Namespace) -> StudySettings:
         command=command_line(args),
         argv=sys.argv[1:] if sys.argv[1:2] == ["study"] else None,
         tokens_per_step=args.tokens_per_step,
-        micro_batch_tokens=args.micro_batch_tokens,
         lr_sweep=lr_sweep,
         sweep_tokens=sweep_tokens,
         reference=not args.no_reference,
@@ -284,7 +280,7 @@ def command_line(args: argparse.Namespace) -> str:
     if getattr(args, "merge", None):
         return shlex.join([*parts, "--merge", *args.merge, "--output", args.output])
     for name in ("model", "rope_type", "rope_factor", "arms", "max_tokens", "seeds", "output", "seq_len",
-                 "cpt_seq_len", "cpt_share", "tokens_per_step", "micro_batch_tokens", "sweep_tokens", "config",
+                 "cpt_seq_len", "cpt_share", "tokens_per_step", "sweep_tokens", "config",
                  "device", "tasks", "limit", "eval_batch_size"):
         value = getattr(args, name, None)
         if value is not None:

@@ -18,7 +18,8 @@ training from its newest checkpoint. A finished run whose settings differ from t
 error rather than a silent mix of two studies in one table.
 
 Fairness: every trained run gets the same number of tokens per optimizer step (``--tokens-per-step``,
-whatever its block length: `step_shape`), so arms with the same budget take the same number of steps;
+whatever its block length: the restore config's `tokens_per_step`), so arms with the same budget take
+the same number of steps;
 arms on blocks longer than the distillation arms' recompute their layers in the backward pass (gradient
 checkpointing) so that their memory stays near the others'. With ``--lr-sweep`` each trained arm first
 runs every learning rate of the sweep on ``--sweep-tokens`` and keeps the one whose model agrees best
@@ -93,7 +94,6 @@ class StudySettings:
     command: str = ""
     argv: list[str] | None = None
     tokens_per_step: int | None = None  # None: the longest first-stage block x batch size x grad accumulation
-    micro_batch_tokens: int = 32768
     lr_sweep: tuple[float, ...] = ()
     sweep_tokens: int | None = None
     reference: bool = True  # evaluate the native model here even when --arms does not list it
@@ -133,7 +133,6 @@ def arm_config(
     output: Path | str,
     cpt_share: float,
     tokens_per_step: int | None = None,
-    micro_batch_tokens: int = 32768,
     budget: int | None = None,
     lr: float | None = None,
 ) -> RestoreConfig:
@@ -142,7 +141,7 @@ def arm_config(
     Every arm starts from ``base`` (same model, data, data order, optimiser) with the study's RoPE; the
     arm sets the objective, the token budget (``budget`` replaces it, for a sweep run) and its stages,
     then its own ``KEY=VALUE`` settings. With `tokens_per_step` the arm's batch size and accumulation
-    give every optimizer step that many tokens (`step_shape`); `lr` (a sweep's) applies unless the arm
+    give every optimizer step that many tokens, in every stage; `lr` (a sweep's) applies unless the arm
     sets its own. An arm on blocks longer than ``base.seq_len`` gets gradient checkpointing.
 
     Raises:
@@ -184,37 +183,10 @@ def arm_config(
         if longest > base.seq_len and "gradient_checkpointing" not in own:
             values["gradient_checkpointing"] = True  # long blocks: keep memory near the short-block arms'
         if tokens_per_step and not {"batch_size", "grad_accum"} & set(own):
-            # One block count serves both stages of a +cpt arm (until the restore config derives it per
-            # stage): the long blocks' keeps its CPT steps at tokens_per_step and shortens its first stage's.
-            values["batch_size"], values["grad_accum"] = step_shape(tokens_per_step, longest, micro_batch_tokens)
+            values["tokens_per_step"] = tokens_per_step  # each stage splits it into its own blocks
         return dataclasses.replace(base, **values).validate()
     except UserError as err:
         raise UserError(f"arm {arm.name}: {err}") from None
-
-
-def step_shape(tokens_per_step: int, seq_len: int, micro_batch_tokens: int) -> tuple[int, int]:
-    """``(batch_size, grad_accum)`` that give an optimizer step `tokens_per_step` tokens in `seq_len`-token blocks.
-
-    The micro-batch is the largest whole share of the step's blocks within `micro_batch_tokens` (at
-    least one block); only speed and memory depend on it, not the step. A ``+cpt`` arm's two stages
-    share one block count, that of its long blocks, so its first stage's steps are as many times
-    shorter as its blocks are (until the restore config derives a step's blocks per stage).
-
-    Example:
-        >>> step_shape(32768, 4096, 16384), step_shape(32768, 32768, 16384)
-        ((4, 2), (1, 1))
-
-    Raises:
-        UserError: `tokens_per_step` is not a whole number of blocks.
-    """
-    if tokens_per_step < seq_len or tokens_per_step % seq_len:
-        raise UserError(
-            f"--tokens-per-step {tokens_per_step} is not a whole number of {seq_len}-token blocks; "
-            "give a multiple of every arm's block length"
-        )
-    blocks = tokens_per_step // seq_len
-    batch = max(d for d in range(1, blocks + 1) if blocks % d == 0 and (d == 1 or d * seq_len <= micro_batch_tokens))
-    return batch, blocks // batch
 
 
 class Study:
@@ -307,7 +279,7 @@ class Study:
         arm = run.arm
         config = arm_config(arm, self.s.base, self.scaling, seed=run.seed, output=run.folder / "train",
                             cpt_share=self.s.cpt_share, tokens_per_step=self.tokens_per_step,
-                            micro_batch_tokens=self.s.micro_batch_tokens, budget=budget, lr=lr)
+                            budget=budget, lr=lr)
         try:
             run.stages = plan_stages(config, self.scaling, 1)
             self._check_layers(config)
