@@ -31,7 +31,8 @@ def run_one(args: argparse.Namespace) -> None:
     config = build_config(
         flags=dict(
             model=args.model, data=[args.data], seq_len=args.seq_len, rope_type="linear", rope_factor=4.0,
-            max_tokens=args.seq_len * world * args.steps, strategy=args.strategy, output=str(out / "run"),
+            tokens_per_step=args.tokens_per_step, max_tokens=args.tokens_per_step * args.steps,
+            strategy=args.strategy, output=str(out / "run"),
             gradient_checkpointing=args.gradient_checkpointing, save_every=0, export=False, eval=False,
             warmup_steps=1, log_every=1,
         )
@@ -55,7 +56,9 @@ def merge(folders: list[str], results: Path) -> None:
     rows = []
     for folder in folders:
         ranks = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("rank*.json"))]
-        steps = [r for r in read_metrics(Path(folder) / "run") if "tokens_per_s" in r][2:]  # 2 warm-up steps
+        # the first read of the metrics (16 steps, or all of a shorter run) includes the warm-up
+        steps = [r for r in read_metrics(Path(folder) / "run") if "tokens_per_s" in r]
+        steps = steps[16:] or steps[-1:]
         tokens_per_s = statistics.median(r["tokens_per_s"] for r in steps)
         world = ranks[0]["world_size"]
         rows.append({**{k: ranks[0][k] for k in ("strategy", "world_size", "seq_len", "gpu", "torch",
@@ -75,7 +78,8 @@ def main() -> int:
     parser.add_argument("--data")
     parser.add_argument("--strategy", choices=("none", "ddp", "fsdp"), default="none")
     parser.add_argument("--seq-len", type=int, default=8192)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--tokens-per-step", type=int, default=32768, help="all processes together")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--out", help="folder for this run's per-rank numbers")
     parser.add_argument("--merge", nargs="+", metavar="FOLDER", help="merge finished runs into --results")

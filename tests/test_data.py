@@ -378,3 +378,31 @@ def test_real_tokenizer_sizes():
     assert abs(estimate_corpus_tokens(files, tok) - exact) < 0.1 * exact
     block = next(iter(TokenBlocks(files, tok, seq_len=256)))
     assert block["attention_mask"].sum() >= 128
+
+
+def test_micro_batches_made_ahead_keep_the_position_of_what_was_taken(corpus, tokenizer):
+    from linearard.training.batches import MicroBatches
+
+    def make():
+        return TokenBlocks(corpus, tokenizer, seq_len=24, seed=3, shuffle_buffer=5)
+
+    reference = blocks_of(make(), 3 * 4 + 8)
+    batches = MicroBatches(make(), 4, torch.device("cpu"), depth=2)
+    taken = [next(batches) for _ in range(3)]
+    state = batches.state_dict()  # the thread has made more batches than were taken
+    batches.close()
+    assert all(b["padded_right"] and b["input_ids"].shape == (4, 24) for b in taken)
+    rows = [tuple(ids[mask.bool()].tolist()) for b in taken for ids, mask in zip(b["input_ids"], b["attention_mask"])]
+    assert rows == reference[:12]
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert blocks_of(resumed, 8) == reference[12:]
+
+
+def test_micro_batches_raise_the_streams_error_in_the_training_thread(corpus, tokenizer):
+    from linearard.training.batches import MicroBatches
+
+    batches = MicroBatches(TokenBlocks(corpus, tokenizer, seq_len=4096), 2, torch.device("cpu"))
+    with pytest.raises(UserError, match="no train block"):
+        next(batches)
+    batches.close()
