@@ -168,6 +168,13 @@ def plan_stages(config: RestoreConfig, scaling: RopeScaling, world_size: int) ->
         UserError: a block length above the student's length, or a budget too small for one step.
     """
     _check_length("--seq-len", config.seq_len, scaling)
+    distils = any(name.strip() != "cpt" for name in config.objective.split("+"))
+    if distils and config.seq_len > scaling.original_length:
+        raise UserError(
+            f"--seq-len {config.seq_len} is above the model's native context of {scaling.original_length} tokens: "
+            "distillation trains on short texts, which the native-RoPE teacher must cover "
+            "(long blocks belong to the next-token stage: --cpt-tokens, --cpt-seq-len)"
+        )
     per_block = config.batch_size * config.grad_accum * world_size
     stages = [_stage("restore", config.objective, config.seq_len, config.max_tokens - config.cpt_tokens, per_block)]
     if config.cpt_tokens:
@@ -244,19 +251,22 @@ def read_model_meta(spec: str) -> tuple[Any, Any, torch.dtype]:
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from linearard.models.load import resolve_path, split_spec
+    from linearard.models.load import GGUF_ERRORS, gguf_error, resolve_path, split_spec
 
     base, suffix = split_spec(spec)
     if suffix is not None:
         raise UserError(f"give the native model to restore, without a RoPE suffix (got {spec!r})")
     path = resolve_path(base)
-    try:
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise UserError(f"{path} is a file but not a .gguf model; give a model folder or a GGUF file")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{path} is a file but not a .gguf model; give a model folder or a GGUF file")
+        try:
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            return config, tokenizer, torch.float32
+        except GGUF_ERRORS as err:
+            raise UserError(gguf_error(path, err)) from None
+        return config, tokenizer, torch.float32
+    try:
         if not (path / "config.json").exists():
             raise UserError(f"{path} is not a transformers model folder (no config.json)")
         config = AutoConfig.from_pretrained(path)
@@ -274,6 +284,7 @@ def dry_run_plan(config: RestoreConfig) -> Plan:
     from transformers import AutoModelForCausalLM
 
     from linearard.data import corpus_files, default_corpus_files, estimate_corpus_tokens
+    from linearard.data.documents import check_text_encoding
     from linearard.export import check_exportable
     from linearard.models.adapters import add_adapters
 
@@ -294,6 +305,8 @@ def dry_run_plan(config: RestoreConfig) -> Plan:
     shape = ModelShape.of(model, model_config)
     shape.dtype = torch.bfloat16 if bf16 else torch.float32  # what a run loads the weights as
     files = corpus_files(config.data) if config.data else default_corpus_files()
+    if config.data:
+        check_text_encoding(files)
     return Plan(
         config=config,
         model=shape,
