@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"linearard {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(f"linearard {args.command}: {err}; continue with: {resume_command(argv)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, said once
+            print(f"linearard {args.command}: {err}; continue with: {resume_command(argv)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"linearard {args.command}: interrupted", file=sys.stderr)

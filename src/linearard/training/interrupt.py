@@ -14,7 +14,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from linearard.training import distributed as dist_utils
+import torch
+import torch.distributed as dist
+
 from linearard.training.distributed import DistContext
 
 CHECK_EVERY = 8
@@ -71,7 +73,12 @@ class StopRequest:
             return self.signum is not None
         if not (checkpoint or global_step % CHECK_EVERY == 0):
             return False
-        return dist_utils.any_rank(self.signum is not None, ctx)
+        # the largest signal number seen by any process: every process then stops, naming the signal
+        device = ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        seen = torch.tensor([self.signum or 0], dtype=torch.int32, device=device)
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        self.signum = int(seen.item()) or None
+        return self.signum is not None
 
     def _handle(self, signum: int, _frame: object) -> None:
         if self.signum is not None:
