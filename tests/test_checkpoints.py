@@ -160,7 +160,7 @@ def _signal_on_step(monkeypatch, step, *signals):
     monkeypatch.setattr(_Run, "_objective_step", step_then_signal)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_after_the_step_with_a_checkpoint(model_dir, corpus, tmp_path, monkeypatch, capsys, sig):
     flags = _flags(model_dir("qwen2-tied"), corpus, tmp_path / "run", max_tokens=SEQ * 3, save_every=0)
     args = ["restore", *_cli(flags)]

@@ -13,7 +13,7 @@ from linearard.models.adapters import add_adapters, trainable_parameters
 from linearard.models.rope import RopeScaling
 from linearard.models.teacher_student import TeacherStudent
 from linearard.outputs import MARKER
-from tiny import FAMILIES, byte_tokenizer, tiny_config, tiny_model
+from tiny import FAMILIES, TIED, byte_tokenizer, is_tied, tiny_config, tiny_model
 
 # families whose configs keep one RoPE setting per layer type
 PER_LAYER_TYPE_FAMILIES = [f for f in FAMILIES if "sliding_attention" in (tiny_config(f).rope_parameters or {})]
@@ -44,14 +44,15 @@ def _reload(path, family):
     return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + tuple(v for v in TIED if v not in FAMILIES))
 def test_reloaded_export_matches_student(tmp_path, family):
     # transformers' Phi-3 config accepts LongRoPE only
-    model, scaling = _student(family, "longrope" if family == "phi3" else "yarn")
+    model, scaling = _student(family, "longrope" if family.startswith("phi3") else "yarn")
     expected = [_student_logits(model, scaling, n) for n in (SHORT, LONG)]
     export_model(model, byte_tokenizer(), scaling, tmp_path / "out")
     reloaded = _reload(tmp_path / "out", family)
     assert reloaded.config.max_position_embeddings == scaling.target_length
+    assert is_tied(reloaded) == is_tied(tiny_model(family))
     for ids, logits in expected:
         with torch.no_grad():
             torch.testing.assert_close(reloaded(input_ids=ids).logits, logits, atol=2e-5, rtol=1e-4)

@@ -194,6 +194,20 @@ class _Run:
         return result
 
     def _resume_point(self) -> Path | None:
+        # Decided by the main process alone, which is the one that writes: the others might look at
+        # the folder while it changes it, and all must resume from the same checkpoint.
+        outcome: Any = None
+        if self.ctx.is_main:
+            try:
+                outcome = self._check_resume_point()
+            except UserError as err:
+                outcome = err
+        outcome = dist_utils.broadcast_object(outcome, self.ctx)
+        if isinstance(outcome, UserError):
+            raise outcome
+        return outcome
+
+    def _check_resume_point(self) -> Path | None:
         config = self.config
         check_run_folder(config)
         if not config.resume:
