@@ -257,8 +257,19 @@ class _TorchWithHookedSave:
         return getattr(torch, name)
 
 
+@pytest.fixture
+def no_tqdm_monitor(monkeypatch):
+    """No tqdm monitor thread: a forked child would inherit its lock, held or not."""
+    from tqdm import tqdm
+
+    if tqdm.monitor is not None:
+        tqdm.monitor.exit()
+        tqdm.monitor = None
+    monkeypatch.setattr(tqdm, "monitor_interval", 0)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_sigkill_at_random_moments_loses_nothing(model_dir, corpus, tmp_path):
+def test_sigkill_at_random_moments_loses_nothing(model_dir, corpus, tmp_path, no_tqdm_monitor):
     flags = _flags(model_dir("llama-tied"), corpus, tmp_path / "reference", save_every=1, keep_checkpoints=1)
     where = tmp_path / "where"
     assert os.waitstatus_to_exitcode(_child(flags, 0, where)) == 0
