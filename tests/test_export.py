@@ -12,7 +12,11 @@ from linearard.export import check_exportable, export_model, exported_config
 from linearard.models.adapters import add_adapters, trainable_parameters
 from linearard.models.rope import RopeScaling
 from linearard.models.teacher_student import TeacherStudent
-from tiny import FAMILIES, byte_tokenizer, tiny_model
+from linearard.outputs import MARKER
+from tiny import FAMILIES, TIED, byte_tokenizer, is_tied, tiny_config, tiny_model
+
+# families whose configs keep one RoPE setting per layer type
+PER_LAYER_TYPE_FAMILIES = [f for f in FAMILIES if "sliding_attention" in (tiny_config(f).rope_parameters or {})]
 
 # the tiny models' native length is 256: 64 tokens is short, 320 beyond native
 SHORT, LONG = 64, 320
@@ -40,14 +44,15 @@ def _reload(path, family):
     return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + tuple(v for v in TIED if v not in FAMILIES))
 def test_reloaded_export_matches_student(tmp_path, family):
     # transformers' Phi-3 config accepts LongRoPE only
-    model, scaling = _student(family, "longrope" if family == "phi3" else "yarn")
+    model, scaling = _student(family, "longrope" if family.startswith("phi3") else "yarn")
     expected = [_student_logits(model, scaling, n) for n in (SHORT, LONG)]
     export_model(model, byte_tokenizer(), scaling, tmp_path / "out")
     reloaded = _reload(tmp_path / "out", family)
     assert reloaded.config.max_position_embeddings == scaling.target_length
+    assert is_tied(reloaded) == is_tied(tiny_model(family))
     for ids, logits in expected:
         with torch.no_grad():
             torch.testing.assert_close(reloaded(input_ids=ids).logits, logits, atol=2e-5, rtol=1e-4)
@@ -131,11 +136,58 @@ def test_lora_adapter_folder_loads_with_peft(tmp_path):
         torch.testing.assert_close(student(input_ids=ids).logits, logits, atol=2e-5, rtol=1e-4)
 
 
-def test_export_replaces_an_old_folder_atomically(tmp_path):
+def test_export_writes_only_where_nothing_is_lost(tmp_path):
+    model, scaling = _student("llama", "linear")
     target = tmp_path / "out"
     target.mkdir()
-    (target / "stale.txt").write_text("old")
-    model, scaling = _student("llama", "linear")
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"out is not empty and was not written by linearard export"):
+        export_model(model, byte_tokenizer(), scaling, target)
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+
+    (target / "notes.txt").unlink()  # an empty folder is filled in place
     export_model(model, byte_tokenizer(), scaling, target)
-    assert not (target / "stale.txt").exists() and (target / "model.safetensors").exists()
+    assert (target / "model.safetensors").exists() and (target / MARKER).exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
+    with pytest.raises(UserError, match="holds an earlier export; pass --overwrite to replace it"):
+        export_model(model, byte_tokenizer(), scaling, target)
+
+    model, scaling = _student("llama", "linear")
+    (target / "model.safetensors").write_bytes(b"old")
+    export_model(model, byte_tokenizer(), scaling, target, overwrite=True)
+    assert (target / "model.safetensors").stat().st_size > 3
+    (target / "README.md").write_text("my notes")  # not the export's: --overwrite must not delete it
+    with pytest.raises(UserError, match="holds 'README.md', which linearard export did not write"):
+        export_model(model, byte_tokenizer(), scaling, target, overwrite=True)
+    assert (target / "README.md").read_text() == "my notes"
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_no_trace(tmp_path, monkeypatch):
+    import errno
+
+    import linearard.export as export
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "_add_legacy_rope", full)
+    model, scaling = _student("llama", "linear")
+    with pytest.raises(UserError, match=r"^could not write the exported model to .*out: the disk is full$"):
+        export_model(model, byte_tokenizer(), scaling, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("family", PER_LAYER_TYPE_FAMILIES)
+@pytest.mark.parametrize("rope_type", ["linear", "yarn"])
+def test_per_layer_type_rope_is_complete_in_the_4x_dialect(tmp_path, family, rope_type):
+    # what a transformers-4.x reader of Gemma 3 takes: rope_theta + rope_scaling for the global layers,
+    # rope_local_base_freq for the sliding-window ones
+    model, scaling = _student(family, rope_type)
+    native = tiny_model(family).config.rope_parameters
+    export_model(model, byte_tokenizer(), scaling, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["rope_local_base_freq"] == native["sliding_attention"]["rope_theta"] == 10000.0
+    assert config["rope_theta"] == native["full_attention"]["rope_theta"]
+    assert config["rope_scaling"]["type"] == config["rope_scaling"]["rope_type"] == rope_type
+    assert config["rope_scaling"]["factor"] == 4.0
+    assert config["rope_parameters"]["full_attention"]["rope_type"] == rope_type  # the 5.x dialect too

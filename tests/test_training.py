@@ -1,5 +1,6 @@
 """The restore loop on tiny models: the loss falls, resume is exact, failures stop cleanly."""
 
+import errno
 import itertools
 import math
 import pathlib
@@ -118,7 +119,7 @@ def test_resume_continues_exactly(models, corpus, tmp_path, monkeypatch):
     assert latest_checkpoint(interrupted.output).name == "step-00000004"
     monkeypatch.undo()
 
-    with pytest.raises(UserError, match="already holds checkpoints"):
+    with pytest.raises(UserError, match=r"already holds a run \(checkpoints up to step-00000004\); pass --resume"):
         restore(interrupted, log=_quiet)
     resumed = build_config(flags={**interrupted.to_dict(), "resume": True})
     result = restore(resumed, log=_quiet)
@@ -164,7 +165,7 @@ def test_out_of_memory_is_a_user_error_with_a_hint(models, corpus, tmp_path, mon
         restore(_config(models, corpus, tmp_path), log=_quiet)
 
 
-def test_a_crash_while_saving_keeps_the_previous_checkpoint(models, corpus, tmp_path, monkeypatch):
+def test_a_full_disk_keeps_the_previous_checkpoint(models, corpus, tmp_path, monkeypatch):
     saves = {"n": 0}
     original = ckpt.torch.save
 
@@ -172,18 +173,22 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(models, corpus, tmp_
         if str(path).endswith("optimizer.pt"):
             saves["n"] += 1
             if saves["n"] == 2:
-                raise OSError("disk full")
+                raise OSError(errno.ENOSPC, "No space left on device")
         original(obj, path)
 
     monkeypatch.setattr(ckpt.torch, "save", failing_save)
     cfg = _config(models, corpus, tmp_path, save_every=2)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError) as caught:
         restore(cfg, log=_quiet)
-    folder = cfg.output + "/checkpoints"
     good = latest_checkpoint(cfg.output)
-    assert good.name == "step-00000002"
+    assert str(caught.value) == (
+        f"could not write checkpoint {pathlib.Path(cfg.output) / 'checkpoints' / 'step-00000004'}: the disk is full; "
+        f"the newest checkpoint is still {good}"
+    )
+    assert good.name == "step-00000002" and ckpt.verify_checkpoint(good) is None
     assert read_checkpoint(good).trainer.step == 2
-    assert sorted(p.name for p in pathlib.Path(folder).iterdir()) == ["step-00000002"]
+    folder = cfg.output + "/checkpoints"
+    assert sorted(p.name for p in pathlib.Path(folder).iterdir()) == ["step-00000002"]  # no temporary folder
 
 
 def test_two_stages_share_one_budget(models, corpus, tmp_path):

@@ -21,6 +21,9 @@ from transformers import (
 
 VOCAB = 260  # 256 bytes + 4 specials
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+# Families whose released models tie the output embedding to the input one get a "-tied" variant
+# (Llama-3.2-1B, Qwen2.5-0.5B, Qwen3-0.6B, Phi-4-mini); Gemma ties always, and its tiny models do too.
+TIED = ("llama-tied", "qwen2-tied", "qwen3-tied", "phi3-tied", "gemma2", "gemma3")
 
 _COMMON = dict(
     vocab_size=VOCAB,
@@ -37,8 +40,12 @@ _COMMON = dict(
 
 
 def tiny_config(family: str = "llama", **overrides):
-    """A config of `family` small enough to train for a few steps on a CPU in seconds."""
+    """A config of `family` small enough to train for a few steps on a CPU in seconds
+    (``"llama-tied"``: the same with the output embedding tied to the input one)."""
     kw = dict(_COMMON)
+    if family.endswith("-tied"):
+        family = family.removesuffix("-tied")
+        kw.update(tie_word_embeddings=True)
     if family == "llama":
         cls = LlamaConfig
         kw.update(head_dim=16)
@@ -74,6 +81,10 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     attn = "eager" if family.startswith("gemma") else "sdpa"  # softcapping needs eager attention
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     return model.eval()
+
+
+def is_tied(model) -> bool:
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

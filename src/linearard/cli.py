@@ -1,16 +1,20 @@
 """`linearard` command line: one entry point, one sub-command per job.
 
 Each sub-command lives in its own module, which provides ``add_arguments(parser)`` and
-``run(args) -> int``; this file only wires them together and turns `UserError` into one line.
+``run(args) -> int``; this file only wires them together and turns `UserError` (and a failed write, and an
+interrupted run) into one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shlex
 import sys
 
-from linearard.errors import UserError
+from linearard.errors import Interrupted, UserError
+from linearard.outputs import describe_os_error
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -49,15 +53,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
         return importlib.import_module(args._module).run(args) or 0
     except UserError as err:
         print(f"linearard {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, said once
+            print(f"linearard {args.command}: {err}; continue with: {resume_command(argv)}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"linearard {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # the machine, not the code: a full disk, a read-only or vanished folder
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"linearard {args.command}: error: {where}{describe_os_error(err)}", file=sys.stderr)
+        return 2
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run: the same arguments, with ``--resume``
+    for `restore` (a study resumes its unfinished arms by itself), under torchrun when this ran there."""
+    args = list(argv)
+    if args[:1] == ["restore"] and "--resume" not in args:
+        args.append("--resume")
+    prefix = "linearard"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nodes = f"--nnodes {world // per_node} ... " if world > per_node else ""
+        prefix = f"torchrun {nodes}--nproc_per_node {per_node} -m linearard"
+    return " ".join([prefix, *map(shlex.quote, args)])
 
 
 if __name__ == "__main__":

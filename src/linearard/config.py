@@ -191,7 +191,10 @@ class RestoreConfig:
     output: str = _opt("linearard-restore", "output folder: checkpoints, logs, exported model", "run", metavar="DIR")
     save_every: int = _opt(50, "write a checkpoint every N optimizer steps (0 = only at the end)", "run", metavar="N")
     keep_checkpoints: int = _opt(2, "checkpoints kept (oldest deleted first)", "run", metavar="K")
-    resume: bool = _opt(False, "continue from the latest checkpoint in --output", "run")
+    resume: bool = _opt(False, "continue from the newest intact checkpoint in --output", "run")
+    overwrite: bool = _opt(
+        False, "start over in an --output that holds an earlier run (only a folder linearard restore wrote)", "run"
+    )
     dry_run: bool = _opt(False, "print the resolved plan and a peak-memory estimate, train nothing", "run")
     strategy: str = _opt(
         "none", "multi-process training under torchrun: ddp or fsdp (FSDP2)", "run", choices=STRATEGIES
@@ -240,6 +243,8 @@ class RestoreConfig:
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise UserError(f"{_flag(name)}: unknown value {value!r}; choose one of {', '.join(choices)}")
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues the run in --output and --overwrite starts it over: give one")
         if not self.objective.strip():
             raise UserError("--objective must name at least one objective")
         return self
@@ -304,7 +309,7 @@ def build_config(
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"--set expects KEY=VALUE, got {item!r}")
-        parsed_sets[_known_key(key.strip(), origin="--set")] = yaml.safe_load(raw) if raw.strip() else None
+        parsed_sets[_known_key(key.strip(), origin="--set")] = _yaml_value(raw, f"--set {item}")
     layers.append(_coerce_all(parsed_sets, origin="--set"))
     layers.append(_coerce_all(dict(flags or {}), origin="the command line"))
 
@@ -403,7 +408,7 @@ def parse_count(value: Any) -> int:
         if not value.is_integer():
             raise ValueError("expected a whole number")
         return int(value)
-    match = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([kKmMgG]i?)?\s*", str(value))
+    match = re.fullmatch(r"\s*(-?[0-9][0-9_]*(?:\.[0-9]+)?)\s*([kKmMgG]i?)?\s*", str(value))
     if not match:
         raise ValueError("expected a whole number such as 40000, 40k, 4.25M or 32Ki")
     number = float(match.group(1).replace("_", "")) * _SUFFIX[(match.group(2) or "").lower()]
@@ -450,8 +455,19 @@ def parse_options(value: Any) -> dict[str, dict[str, Any]]:
         objective, dot, option = key.strip().partition(".")
         if not sep or not dot or not objective or not option:
             raise ValueError(f"expected OBJECTIVE.OPTION=VALUE, got {item!r}")
-        nested.setdefault(objective, {})[option] = yaml.safe_load(raw) if raw.strip() else None
+        nested.setdefault(objective, {})[option] = _yaml_value(raw, item)
     return nested
+
+
+def _yaml_value(text: str, where: str) -> Any:
+    """A YAML scalar or flow value (``2e-4``, ``[a, b]``); None for an empty string."""
+    if not text.strip():
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{where}: {text!r} is not a valid value ({problem})") from None
 
 
 def _to_bool(value: Any) -> bool:

@@ -1,4 +1,4 @@
-"""The one exception type the command line turns into a one-line message and a non-zero exit."""
+"""The exceptions the command line turns into a one-line message and a non-zero exit."""
 
 
 class UserError(Exception):
@@ -6,3 +6,11 @@ class UserError(Exception):
 
     The message must say what was wrong and, where it helps, what to do instead.
     """
+
+
+class Interrupted(Exception):
+    """A run stopped on SIGINT/SIGTERM after writing a checkpoint; `exit_code` is 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

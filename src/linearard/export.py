@@ -7,6 +7,9 @@ target length, written in both config dialects (transformers 5 ``rope_parameters
 (a peft adapter folder for LoRA, ``adapters.safetensors`` otherwise, and the run's ``config.yaml``),
 and a ``README.md`` model card (`linearard.model_card`).
 
+The output folder must be new, empty, or an earlier export (replaced only with ``overwrite``); it may
+not hold or lie inside the checkpoint or the base model (see `linearard.outputs`).
+
 RoPE types whose frequencies transformers recomputes from the input length are written in a static
 form that gives the frequencies the student was trained with, at every length:
 
@@ -26,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ from safetensors.torch import save_file
 from linearard.errors import UserError
 from linearard.models.adapters import adapter_state_dict, merge_adapters
 from linearard.models.rope import SCALED_LAYER_TYPE, RopeScaling, legacy_rope_fields, scaled_config
+from linearard.outputs import check_output, clear_own, describe_os_error, mark
 
 ADAPTER_DIR = "adapter"
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,11 +54,13 @@ def export_model(
     dtype: torch.dtype | None = None,
     config: Any = None,
     card: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
 ) -> Path:
     """Write `model` (with adapters) as a merged, RoPE-scaled transformers model into `output`.
 
     The adapters are merged into `model` itself (in fp32), so use it no further afterwards. The
-    folder is assembled beside `output` and renamed into place; an existing `output` is replaced.
+    folder is assembled beside `output` and moved into place when complete.
 
     Args:
         model: the restored model, adapters on (a peft LoRA model or one with dense deltas).
@@ -63,14 +70,22 @@ def export_model(
         dtype: dtype of the saved weights (default: the model's current dtype).
         config: the run's `RestoreConfig`, saved as ``adapter/config.yaml`` when given.
         card: the run's numbers for the model card (``heldout``, ``tokens_trained``; see `linearard.model_card`).
+        overwrite: replace an earlier export in `output` (never anything else).
+        inputs: paths that must stay untouched (checkpoint, base model): `output` may not hold them.
 
     Returns:
         `output` as a Path.
+
+    Raises:
+        UserError: `output` may not be written (see `linearard.outputs.check_output`), or the
+            writing failed (a full disk); what was there before is unchanged.
     """
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    output = check_output(output, "export", overwrite=overwrite, inputs=inputs)
+    where = output.resolve()
+    tmp = None
     try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{where.name}-", dir=where.parent))
         _write_adapters(model, tmp / ADAPTER_DIR, config)
         merged = merge_adapters(model)
         base_config = merged.config
@@ -85,13 +100,27 @@ def export_model(
 
         base_model = config.model if config is not None else getattr(base_config, "name_or_path", "") or "model"
         write_model_card(tmp, base_model, scaling, config=config, architecture=type(merged).__name__, **(card or {}))
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        mark(tmp, "export", entries=os.listdir(tmp))
+        _move_into_place(tmp, where)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise UserError(f"could not write the exported model to {output}: {describe_os_error(err)}") from None
         raise
     return output
+
+
+def _move_into_place(tmp: Path, output: Path) -> None:
+    """Rename the finished folder to `output`; an existing (empty, or earlier-export) `output` keeps its
+    inode (it may be the current folder) and receives the entries one by one."""
+    if not output.exists():
+        os.replace(tmp, output)
+        return
+    clear_own(output)
+    for entry in os.listdir(tmp):
+        os.replace(tmp / entry, output / entry)
+    tmp.rmdir()
 
 
 def exported_config(config: Any, scaling: RopeScaling) -> Any:
@@ -145,6 +174,8 @@ def export_checkpoint(
     model: str | None = None,
     dtype: torch.dtype | None = None,
     card: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
 ) -> Path:
     """Rebuild a run's model from a checkpoint folder (or a run folder: its newest checkpoint) and export it.
 
@@ -154,24 +185,36 @@ def export_checkpoint(
         model: the base model, when it moved since the run (default: the run's ``--model``).
         dtype: dtype of the saved weights (default: the dtype the base model declares).
         card: the run's numbers for the model card, as for `export_model`.
+        overwrite: replace an earlier export in `output` (never anything else).
+        log: where to report a damaged newer checkpoint passed over.
     """
     from linearard.config import build_config
     from linearard.models.adapters import add_adapters, load_adapter_state_dict
-    from linearard.models.load import load_model
-    from linearard.training.checkpoint import latest_checkpoint, read_adapters
+    from linearard.models.load import load_model, local_model_path
+    from linearard.training.checkpoint import newest_valid_checkpoint, read_adapters, verify_checkpoint
     from linearard.training.plan import read_model_meta, resolve_scaling
 
     folder = Path(checkpoint)
     if not folder.is_dir():
         raise UserError(f"checkpoint {str(folder)!r} not found")
     if not (folder / "adapters.safetensors").exists():
-        newest = latest_checkpoint(folder)
+        newest, skipped = newest_valid_checkpoint(folder)
         if newest is None:
+            if skipped:
+                raise UserError(f"{folder} holds no intact checkpoint ({skipped[0][0].name}: {skipped[0][1]})")
             raise UserError(f"{folder} is neither a checkpoint nor a run folder with checkpoints")
+        for path, problem in skipped:
+            log(f"skipping checkpoint {path}: {problem}")
         folder = newest
+    else:
+        problem = verify_checkpoint(folder)
+        if problem:
+            raise UserError(f"checkpoint {folder} is damaged: {problem}")
     config = build_config(yaml_source=folder / "config.yaml")
     if model is not None:
         config.model = model
+    inputs = [folder, *(p for p in (local_model_path(config.model),) if p is not None)]
+    check_output(output, "export", overwrite=overwrite, inputs=inputs)  # before the slow part
     base, tokenizer = load_model(config.model, device="cpu", dtype=torch.float32)
     scaling = resolve_scaling(config, base.config)
     base = add_adapters(base, config.adapter, rank=config.lora_rank, alpha=config.lora_alpha, dropout=0.0)
@@ -180,7 +223,8 @@ def export_checkpoint(
         dtype = read_model_meta(config.model)[2]
     trainer = folder / "trainer.json"  # the tokens trained up to this checkpoint, for the model card
     card = {"tokens_trained": json.loads(trainer.read_text())["tokens"], **(card or {})} if trainer.exists() else card
-    return export_model(base, tokenizer, scaling, output, dtype=dtype, config=config, card=card)
+    return export_model(base, tokenizer, scaling, output, dtype=dtype, config=config, card=card, overwrite=overwrite,
+                        inputs=inputs)
 
 
 def _write_adapters(model: torch.nn.Module, folder: Path, config: Any) -> None:
@@ -198,7 +242,8 @@ def _add_legacy_rope(path: Path, config: Any) -> None:
     """Add the 4.x spelling (``rope_theta`` + ``rope_scaling``) beside transformers 5's ``rope_parameters``."""
     data = json.loads(path.read_text())
     for key, value in legacy_rope_fields(config).items():
-        data.setdefault(key, value)
+        if data.get(key) is None:  # transformers 5 writes some 4.x names as null (Gemma 3's rope_local_base_freq)
+            data[key] = value
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -215,7 +260,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint", required=True, metavar="DIR",
         help="a checkpoint folder (OUTPUT/checkpoints/step-N) or a restore run's OUTPUT folder (newest checkpoint)",
     )
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the merged model")
+    parser.add_argument(
+        "--output", required=True, metavar="DIR",
+        help="folder for the merged model: new, empty, or an earlier export (with --overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an earlier export in --output (a folder holding anything else is never touched)",
+    )
     parser.add_argument(
         "--model", metavar="PATH_OR_NAME", help="the base model, if it moved since the run (default: the run's)"
     )
@@ -226,6 +278,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    target = export_checkpoint(args.checkpoint, args.output, model=args.model, dtype=DTYPES[args.dtype])
+    target = export_checkpoint(
+        args.checkpoint, args.output, model=args.model, dtype=DTYPES[args.dtype], overwrite=args.overwrite
+    )
     print(f"exported {target} (adapters in {target / ADAPTER_DIR})")
     return 0

@@ -185,7 +185,7 @@ class TokenBlocks:
                 raise UserError(
                     f"the corpus gives no {self.split} block for rank {self.rank} of {self.world_size}: "
                     f"need documents of at least {self.min_tokens} tokens "
-                    f"(lower min_tokens or seq_len, use pack=True, or add text)"
+                    f"(lower --seq-len, or add longer or more documents)"
                 )
             self._pos = self._epoch_start(pos.epoch + 1)
             if not self.repeat:

@@ -6,6 +6,7 @@ file. Files are read one at a time (parquet in row batches), so a corpus never h
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import re
@@ -119,6 +120,27 @@ def iter_documents(paths: PathLike | Sequence[PathLike], *, text_field: str = "t
     return _non_empty(files, text_field)
 
 
+def check_text_encoding(files: Sequence[Path]) -> None:
+    """Read every text and .jsonl file through once and raise `UserError` at the first one that is not
+    UTF-8, so that a run fails before it creates anything rather than when the stream reaches it."""
+    for file in files:
+        if file.suffix.lower() == ".parquet":
+            continue  # parquet strings are UTF-8 by the format
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0
+        try:
+            with file.open("rb") as handle:
+                for chunk in iter(lambda handle=handle: handle.read(1 << 20), b""):
+                    offset += len(chunk)
+                    decoder.decode(chunk)
+                decoder.decode(b"", final=True)
+        except UnicodeDecodeError as err:
+            where = offset - len(err.object) + err.start
+            raise UserError(f"{file} is not UTF-8 text (byte {where}): convert it or leave it out") from None
+        except OSError as err:
+            raise UserError(f"cannot read {file}: {err.strerror or err}") from None
+
+
 def _non_empty(files: list[Path], text_field: str) -> Iterator[str]:
     count = 0
     for text in iter_records(files, text_field):
@@ -189,7 +211,7 @@ def parse_jsonl_line(line: str | bytes, text_field: str, where: str) -> str:
     except json.JSONDecodeError as err:
         raise UserError(f"{where}: not a JSON object ({err.msg})") from err
     if not isinstance(record, dict) or text_field not in record:
-        raise UserError(f"{where}: no {text_field!r} field (choose the text field with text_field)")
+        raise UserError(f"{where}: not a JSON object with a {text_field!r} field (each line must hold one)")
     text = record[text_field]
     if text is None:
         return ""

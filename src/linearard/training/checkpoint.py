@@ -6,15 +6,18 @@ A checkpoint is a folder ``OUTPUT/checkpoints/step-00000050/`` holding:
 - ``optimizer.pt`` — the optimizer state keyed by parameter name;
 - ``trainer.json`` — stage, step and token counters, scheduler state, world size;
 - ``rank-00000.pt`` … — per process: its data position and its RNG states;
-- ``config.yaml`` — the resolved run configuration.
+- ``config.yaml`` — the resolved run configuration;
+- ``manifest.json`` — the size and SHA-256 of every other file, written last.
 
 Each is first written into a hidden temporary folder that is renamed into place only when complete, so
-the newest ``step-*`` folder is always whole; an interrupted save leaves only a temporary folder,
-which the next save removes.
+a crash leaves either a whole ``step-*`` folder or a temporary one, which the next save removes. The
+manifest catches what the rename cannot: a file truncated or damaged later (a full disk during a
+copy, a bad sector); resume takes the newest checkpoint that verifies (`newest_valid_checkpoint`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -30,9 +33,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from linearard.errors import UserError
+from linearard.outputs import describe_os_error
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _TMP_PREFIX = ".tmp-"
+MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -88,6 +93,54 @@ def latest_checkpoint(output: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def newest_valid_checkpoint(output: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of a run that verifies, and the newer ones passed over with the reason.
+
+    Example:
+        >>> found, skipped = newest_valid_checkpoint("runs/smol")  # doctest: +SKIP
+        >>> skipped  # doctest: +SKIP
+        [(PosixPath('runs/smol/checkpoints/step-00000100'), 'optimizer.pt is 4096 bytes, not 81920')]
+    """
+    skipped = []
+    for path in reversed(list_checkpoints(output)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when every file listed in the checkpoint's manifest is there with its size and checksum,
+    else what is wrong. A checkpoint without a manifest (written by linearard 0.1) is checked for its
+    files only."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        missing = [name for name in ("adapters.safetensors", "optimizer.pt", "trainer.json", "config.yaml")
+                   if not (path / name).is_file()]
+        return f"{missing[0]} is missing" if missing else None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {MANIFEST} is unreadable ({err})"
+    for name, expected in files.items():
+        file = path / name
+        try:
+            size = file.stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if size != expected["size"]:
+            return f"{name} is {size} bytes, not {expected['size']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (e.g. the disk is full); the older checkpoints are intact."""
+
+
 def write_checkpoint(
     output: str | Path,
     global_step: int,
@@ -112,20 +165,25 @@ def write_checkpoint(
     for stale in parent.glob(_TMP_PREFIX + "*"):
         shutil.rmtree(stale, ignore_errors=True)
     final = parent / f"step-{global_step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=parent))
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=parent))
         save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, tmp / "adapters.safetensors")
         torch.save(optimizer, tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps(trainer.__dict__, indent=1))
         for rank, state in enumerate(ranks):
             torch.save(state, tmp / f"rank-{rank:05d}.pt")
         (tmp / "config.yaml").write_text(config_yaml)
+        _write_manifest(tmp)
         _fsync_tree(tmp)
         if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise CheckpointWriteError(_write_failure(final, err, latest_checkpoint(output))) from None
         raise
     for old in list_checkpoints(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -155,20 +213,28 @@ def read_checkpoint(path: str | Path, *, rank: int = 0, world_size: int = 1) -> 
             f"{path} was written by {trainer.world_size} process(es) but this run has {world_size}; "
             f"resume with the same number of processes (torchrun --nproc_per_node {trainer.world_size})"
         )
-    return Checkpoint(
-        path=path,
-        adapters=read_adapters(path),
-        optimizer=torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
-        trainer=trainer,
-        rank_state=torch.load(path / f"rank-{rank:05d}.pt", map_location="cpu", weights_only=True),
-    )
+    try:
+        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        rank_state = torch.load(path / f"rank-{rank:05d}.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged pickle raises anything from EOFError to RuntimeError
+        raise UserError(f"{path} is damaged: {_first_line(err)}") from None
+    return Checkpoint(path=path, adapters=read_adapters(path), optimizer=optimizer, trainer=trainer,
+                      rank_state=rank_state)
 
 
 def read_adapters(path: str | Path) -> dict[str, torch.Tensor]:
     file = Path(path) / "adapters.safetensors"
     if not file.is_file():
         raise UserError(f"{path} is not a linearard checkpoint (no adapters.safetensors)")
-    return load_file(file)
+    try:
+        return load_file(file)
+    except Exception as err:  # safetensors reports a truncated file as its own error type
+        raise UserError(f"{file} is damaged: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def read_config_yaml(path: str | Path) -> str:
@@ -177,6 +243,25 @@ def read_config_yaml(path: str | Path) -> str:
         return file.read_text()
     except OSError:
         raise UserError(f"{path} is not a linearard checkpoint (no config.yaml)") from None
+
+
+def _write_failure(target: Path, err: OSError, previous: Path | None) -> str:
+    what = describe_os_error(err)
+    kept = f"the newest checkpoint is still {previous}" if previous else "no earlier checkpoint exists"
+    return f"could not write checkpoint {target}: {what}; {kept}"
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_tree(folder: Path) -> None:

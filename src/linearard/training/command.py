@@ -87,9 +87,12 @@ def config_from_args(args: argparse.Namespace) -> RestoreConfig:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if config.dry_run:
+        from linearard.training.loop import check_run_folder
         from linearard.training.plan import dry_run_plan
 
-        print(dry_run_plan(config).describe())
+        plan = dry_run_plan(config)
+        check_run_folder(config)
+        print(plan.describe())
         print("dry run: nothing was trained or written")
         return 0
     from linearard.training.loop import restore

@@ -231,6 +231,15 @@ def mean_tensor_over_ranks(values: torch.Tensor, ctx: DistContext) -> torch.Tens
     return tensor / ctx.world_size
 
 
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every process when `flag` is true on any of them (e.g. a failed checkpoint write)."""
+    if not ctx.distributed:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=_comm_device(ctx))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     """Every process's `obj`, in rank order, on the main process (others get an empty list)."""
     if not ctx.distributed:

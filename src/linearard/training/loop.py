@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -35,25 +34,30 @@ from torch.distributed.checkpoint.state_dict import (
 
 from linearard.config import RestoreConfig, build_config
 from linearard.data import TokenBlocks, corpus_files, default_corpus_files, estimate_corpus_tokens
-from linearard.errors import UserError
+from linearard.data.documents import check_text_encoding
+from linearard.errors import Interrupted, UserError
 from linearard.export import check_exportable
-from linearard.models.adapters import add_adapters, trainable_parameters
+from linearard.models.adapters import adapter_subset, add_adapters, trainable_parameters
 from linearard.models.compat import enable_activation_checkpointing
 from linearard.models.load import load_model
 from linearard.models.teacher_student import TeacherStudent, compile_layers
 from linearard.objectives import build_objective
+from linearard.outputs import check_output, clear_own, describe_os_error, mark, written_by
 from linearard.training import distributed as dist_utils
 from linearard.training.batches import MicroBatches
 from linearard.training.checkpoint import (
+    CheckpointWriteError,
     TrainerState,
     latest_checkpoint,
     list_checkpoints,
+    newest_valid_checkpoint,
     read_checkpoint,
     rng_state,
     set_rng_state,
     write_checkpoint,
 )
 from linearard.training.distributed import DistContext
+from linearard.training.interrupt import StopRequest
 from linearard.training.metrics import MetricsWriter, Progress, stage_label
 from linearard.training.plan import (
     ModelShape,
@@ -69,8 +73,8 @@ from linearard.training.schedule import warmup_cosine
 # Settings that only steer bookkeeping (or, like the strategy, not the numbers: the world size is
 # checked on its own); every other setting must match to resume a run.
 RESUMABLE_CHANGES = frozenset(
-    {"resume", "dry_run", "output", "save_every", "keep_checkpoints", "log_every", "eval", "eval_tokens",
-     "eval_seq_len", "export", "device", "strategy"}
+    {"resume", "overwrite", "dry_run", "output", "save_every", "keep_checkpoints", "log_every", "eval",
+     "eval_tokens", "eval_seq_len", "export", "device", "strategy"}
 )
 _AGREEMENT_BATCH = 4  # windows per forward pass of the end-of-run agreement
 OOM_HINT = "lower --seq-len or --batch-size (raise --grad-accum to keep the step size), or add --gradient-checkpointing"
@@ -148,8 +152,7 @@ class _Run:
         plan = self.plan
         self.log(plan.describe())
         if ctx.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
-            config.save(self.output / "config.yaml")
+            self._make_output(resumed=resume_from is not None)
 
         self.runner = dist_utils.LossModule(self.model, self._objective_step)
         self.wrapped = dist_utils.wrap(
@@ -177,14 +180,16 @@ class _Run:
         )
         last: dict[str, float] = {}
         training = time.perf_counter()
+        self.stop = StopRequest(announce=ctx.is_main)
         try:
-            for index, stage in enumerate(plan.stages):
-                if index < self.trainer.stage:
-                    continue
-                resumed = checkpoint if checkpoint and index == self.trainer.stage else None
-                if not resumed:
-                    self.trainer.stage, self.trainer.step = index, 0
-                last = self._train_stage(index, stage, resumed) or last
+            with self.stop.catching():
+                for index, stage in enumerate(plan.stages):
+                    if index < self.trainer.stage:
+                        continue
+                    resumed = checkpoint if checkpoint and index == self.trainer.stage else None
+                    if not resumed:
+                        self.trainer.stage, self.trainer.step = index, 0
+                    last = self._train_stage(index, stage, resumed) or last
         finally:
             self.progress.close()
             self.writer.close()
@@ -201,23 +206,47 @@ class _Run:
         return result
 
     def _resume_point(self) -> Path | None:
+        # Decided by the main process alone, which is the one that writes: the others might look at
+        # the folder while it changes it, and all must resume from the same checkpoint.
+        outcome: Any = None
+        if self.ctx.is_main:
+            try:
+                outcome = self._check_resume_point()
+            except UserError as err:
+                outcome = err
+        outcome = dist_utils.broadcast_object(outcome, self.ctx)
+        if isinstance(outcome, UserError):
+            raise outcome
+        return outcome
+
+    def _check_resume_point(self) -> Path | None:
         config = self.config
+        check_run_folder(config)
         if not config.resume:
-            if list_checkpoints(self.output):
-                raise UserError(
-                    f"{self.output} already holds checkpoints of a run; pass --resume to continue it "
-                    "or choose another --output"
-                )
             return None
-        found = latest_checkpoint(self.output)
+        found, skipped = newest_valid_checkpoint(self.output)
+        for path, problem in skipped:
+            self.log(f"skipping checkpoint {path}: {problem}")
+        if found is None and skipped:
+            raise UserError(f"--resume: no intact checkpoint in {self.output / 'checkpoints'} ({skipped[0][1]})")
         if found is None:
-            raise UserError(f"--resume: no checkpoint in {self.output / 'checkpoints'}")
+            raise UserError(f"--resume: no checkpoint in {self.output / 'checkpoints'}; start without --resume")
         saved = build_config(yaml_source=found / "config.yaml").to_dict()
         changed = [k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
         if changed:
             details = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed[:4])
             raise UserError(f"--resume with different settings than the checkpoint: {details}")
         return found
+
+    def _make_output(self, *, resumed: bool) -> None:
+        try:
+            if not resumed:
+                clear_own(self.output)  # an earlier run's files, after check_run_folder allowed it
+            self.output.mkdir(parents=True, exist_ok=True)
+            mark(self.output, "restore")
+            self.config.save(self.output / "config.yaml")
+        except OSError as err:
+            raise UserError(f"cannot write --output {self.output}: {describe_os_error(err)}") from None
 
     def _load(self) -> None:
         config, ctx = self.config, self.ctx
@@ -304,6 +333,15 @@ class _Run:
                     log.flush()  # raises on a non-finite loss before anything is saved
                 if saving:
                     self._save(optimizer, scheduler, batches)
+                if self.stop.due(self._global_step(), ctx, checkpoint=saving):
+                    if not saving:
+                        log.flush()
+                        self._save(optimizer, scheduler, batches)
+                    where = latest_checkpoint(self.output)
+                    raise Interrupted(
+                        f"stopped on {self.stop.name} after step {self._global_step()}; checkpoint {where}",
+                        self.stop.exit_code,
+                    )
         finally:
             batches.close()
         return log.last
@@ -354,29 +392,42 @@ class _Run:
         return StateDictOptions(full_state_dict=full, cpu_offload=saving, ignore_frozen_params=saving)
 
     def _save(self, optimizer: torch.optim.Optimizer, scheduler: Any, data: MicroBatches) -> None:
-        adapters = get_model_state_dict(self.model, options=self._sd_options(True))
+        adapters = self._trainable_tensors()
         optim = get_optimizer_state_dict(self.model, optimizer, options=self._sd_options(True))
         ranks = dist_utils.gather_objects({"data": data.state_dict(), "rng": rng_state()}, self.ctx)
         self.trainer.scheduler = scheduler.state_dict()
+        failure = None
         if self.ctx.is_main:
-            write_checkpoint(
-                self.output,
-                self._global_step(),
-                adapters=adapters,
-                optimizer=optim,
-                trainer=self.trainer,
-                ranks=ranks,
-                config_yaml=self.config.to_yaml(),
-                keep=self.config.keep_checkpoints,
-            )
-        dist_utils.barrier(self.ctx)
+            try:
+                write_checkpoint(
+                    self.output,
+                    self._global_step(),
+                    adapters=adapters,
+                    optimizer=optim,
+                    trainer=self.trainer,
+                    ranks=ranks,
+                    config_yaml=self.config.to_yaml(),
+                    keep=self.config.keep_checkpoints,
+                )
+            except CheckpointWriteError as err:
+                failure = err
+        if dist_utils.any_rank(failure is not None, self.ctx):  # also the barrier after the write
+            raise failure or UserError("the main process could not write a checkpoint")
+
+    def _trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """Exactly the trainable tensors, whole, on the main process. Not the model's state dict: that
+        also names a tied output embedding, which is the frozen input embedding under a second name."""
+        out = {}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                tensor = param.full_tensor() if hasattr(param, "full_tensor") else param  # FSDP: gather
+                if self.ctx.is_main:
+                    out[name] = tensor.detach().cpu()
+        return out
 
     def _set_adapters(self, adapters: dict[str, torch.Tensor]) -> None:
         options = StateDictOptions(full_state_dict=self.config.strategy == "fsdp", strict=False)
-        expected = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        if set(adapters) != expected:
-            raise UserError("the checkpoint's adapters do not match this model and adapter setting")
-        set_model_state_dict(self.model, adapters, options=options)
+        set_model_state_dict(self.model, adapter_subset(self.model, adapters), options=options)
 
     # -- evaluation and export ----------------------------------------------------------------------
 
@@ -457,14 +508,36 @@ class _Run:
             _, _, dtype = read_model_meta(self.config.model)
             if self.config.strategy == "fsdp":
                 # The shards are spread over the processes: rebuild the model from the final checkpoint.
-                export_checkpoint(latest_checkpoint(self.output), target, dtype=dtype, card=card)
+                export_checkpoint(
+                    latest_checkpoint(self.output), target, dtype=dtype, card=card, overwrite=True, log=self.log
+                )
             else:
                 export_model(
-                    self.model, self.tokenizer, self.scaling, target, dtype=dtype, config=self.config, card=card
+                    self.model, self.tokenizer, self.scaling, target, dtype=dtype, config=self.config, card=card,
+                    overwrite=True,
                 )
             self.log(f"exported the restored model to {target} (adapters in {target / 'adapter'})")
         dist_utils.barrier(self.ctx)
         return target
+
+
+def check_run_folder(config: RestoreConfig) -> None:
+    """Raise `UserError` unless the run may write into ``config.output`` (see `linearard.outputs`):
+    a new or empty folder, an earlier run with --resume or --overwrite, or an earlier run's failed start."""
+    from linearard.models.load import local_model_path
+
+    output = Path(config.output)
+    inputs = [p for p in (local_model_path(config.model),) if p is not None] + list(config.data)
+    check_output(output, "restore", overwrite=config.overwrite, resume=config.resume, inputs=inputs)
+    if config.resume or config.overwrite or written_by(output) is None:
+        return
+    found = list_checkpoints(output)
+    if found or (output / "model").exists():
+        what = f"checkpoints up to {found[-1].name}" if found else "an exported model"
+        raise UserError(
+            f"{output} already holds a run ({what}); pass --resume to continue it, --overwrite to start it "
+            "over, or choose another --output"
+        )
 
 
 def _stage_objective(config: RestoreConfig, stage: Stage) -> Any:
@@ -573,7 +646,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def _corpus(config: RestoreConfig) -> list[Path]:
-    return corpus_files(config.data) if config.data else default_corpus_files()
+    if not config.data:
+        return default_corpus_files()
+    files = corpus_files(config.data)
+    check_text_encoding(files)
+    return files
 
 
 def _adds_bos(tokenizer: Any) -> bool:

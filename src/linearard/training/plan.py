@@ -182,6 +182,13 @@ def plan_stages(
             batch settings that contradict ``tokens_per_step``.
     """
     _check_length("--seq-len", config.seq_len, scaling)
+    distils = any(name.strip() != "cpt" for name in config.objective.split("+"))
+    if distils and config.seq_len > scaling.original_length:
+        raise UserError(
+            f"--seq-len {config.seq_len} is above the model's native context of {scaling.original_length} tokens: "
+            "distillation trains on short texts, which the native-RoPE teacher must cover "
+            "(long blocks belong to the next-token stage: --cpt-tokens, --cpt-seq-len)"
+        )
     step_tokens = tokens_per_step(config, world_size, device)
     lengths = [("restore", config.objective, config.seq_len, config.max_tokens - config.cpt_tokens)]
     if config.cpt_tokens:
@@ -329,19 +336,22 @@ def read_model_meta(spec: str) -> tuple[Any, Any, torch.dtype]:
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from linearard.models.load import resolve_path, split_spec
+    from linearard.models.load import GGUF_ERRORS, gguf_error, resolve_path, split_spec
 
     base, suffix = split_spec(spec)
     if suffix is not None:
         raise UserError(f"give the native model to restore, without a RoPE suffix (got {spec!r})")
     path = resolve_path(base)
-    try:
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise UserError(f"{path} is a file but not a .gguf model; give a model folder or a GGUF file")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{path} is a file but not a .gguf model; give a model folder or a GGUF file")
+        try:
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            return config, tokenizer, torch.float32
+        except GGUF_ERRORS as err:
+            raise UserError(gguf_error(path, err)) from None
+        return config, tokenizer, torch.float32
+    try:
         if not (path / "config.json").exists():
             raise UserError(f"{path} is not a transformers model folder (no config.json)")
         config = AutoConfig.from_pretrained(path)
@@ -359,6 +369,7 @@ def dry_run_plan(config: RestoreConfig) -> Plan:
     from transformers import AutoModelForCausalLM
 
     from linearard.data import corpus_files, default_corpus_files, estimate_corpus_tokens
+    from linearard.data.documents import check_text_encoding
     from linearard.export import check_exportable
     from linearard.models.adapters import add_adapters
 
@@ -380,6 +391,8 @@ def dry_run_plan(config: RestoreConfig) -> Plan:
     device = "cuda" if cuda else "cpu"
     stages = plan_stages(config, scaling, shape, world_size=world_size, device=device, bf16=bf16)
     files = corpus_files(config.data) if config.data else default_corpus_files()
+    if config.data:
+        check_text_encoding(files)
     return Plan(
         config=config,
         model=shape,
