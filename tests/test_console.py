@@ -77,11 +77,13 @@ def test_export_carries_a_model_card(restored):
     assert "| type | linear (Position Interpolation) |" in card and "| factor | 4 |" in card
     assert "| native length | 256 tokens |" in card and "| target length | 1,024 tokens" in card
     assert "| token budget | 256 tokens (256 trained) |" in card and "LoRA rank 4, alpha 8" in card
-    printed = dict(re.findall(r"^  (teacher|scaled student|restored student)\b.*?([\d.]+)$", out, re.M))
+    # the numbers the run printed (perplexity, KL, top-1 per role), in the card's table
+    printed = re.findall(r"^  (teacher|scaled student|restored student).{20,}?\s([\d.]+)\s+([\d.]+)\s+([\d.]+)%$",
+                         out, re.M)
     assert len(printed) == 3
-    for role, value in printed.items():  # the numbers the run printed, in the card's table
+    for role, ppl, kl, top1 in printed:
         row = next(line for line in card.splitlines() if line.startswith(f"| {role}"))
-        assert row.endswith(f"| {value} |"), (row, value)
+        assert row.endswith(f"| {ppl} | {kl} | {float(top1) / 100:.3f} |"), (row, ppl, kl, top1)
     assert (run / "model" / "adapter" / "README.md").exists()  # in place of peft's blank template
 
 

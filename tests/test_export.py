@@ -156,10 +156,10 @@ def test_export_writes_only_where_nothing_is_lost(tmp_path):
     (target / "model.safetensors").write_bytes(b"old")
     export_model(model, byte_tokenizer(), scaling, target, overwrite=True)
     assert (target / "model.safetensors").stat().st_size > 3
-    (target / "README.md").write_text("my notes")  # not the export's: --overwrite must not delete it
-    with pytest.raises(UserError, match="holds 'README.md', which linearard export did not write"):
+    (target / "notes.md").write_text("my notes")  # not the export's: --overwrite must not delete it
+    with pytest.raises(UserError, match="holds 'notes.md', which linearard export did not write"):
         export_model(model, byte_tokenizer(), scaling, target, overwrite=True)
-    assert (target / "README.md").read_text() == "my notes"
+    assert (target / "notes.md").read_text() == "my notes"
 
 
 def test_a_full_disk_during_export_is_one_line_and_leaves_no_trace(tmp_path, monkeypatch):

@@ -201,7 +201,12 @@ class _Run:
         if config.eval:
             result.perplexity, result.agreement = self._evaluate()
         if config.export:
-            result.export = self._export({"perplexity": result.perplexity})
+            heldout = {"perplexity": result.perplexity}
+            for metric in ("kl", "top1"):
+                heldout[metric] = {role: a[metric] for role, a in result.agreement.items() if metric in a}
+                if heldout[metric] and result.perplexity:
+                    heldout[metric] = {"teacher": 0.0 if metric == "kl" else 1.0, **heldout[metric]}
+            result.export = self._export(heldout)
         result.seconds = time.perf_counter() - started
         return result
 
