@@ -132,7 +132,7 @@ def test_gutenberg_boilerplate():
         ({"a.txt": ""}, "the corpus is empty"),
         ({"a.txt": b"\xff\xfe bad"}, "not UTF-8"),
         ({"a.jsonl": '{"text": "ok"}\nnot json\n'}, "a.jsonl:2: not a JSON object"),
-        ({"a.jsonl": '{"body": "x"}\n'}, "no 'text' field"),
+        ({"a.jsonl": '{"body": "x"}\n'}, "a.jsonl:1: not a JSON object with a 'text' field"),
         ({"a.jsonl": '{"text": 3}\n'}, "holds int, not text"),
         ({"a.parquet": pa.table({"body": ["x"]})}, "no 'text' column (columns: body)"),
         ({"a.parquet": pa.table({"text": [1]})}, "is int64, not text"),

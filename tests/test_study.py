@@ -220,14 +220,13 @@ def test_every_default_arm_trains_is_evaluated_and_reported(finished_study):
     assert results["study"]["device"] and not results["study"]["unfinished"] and not results["study"]["failed"]
 
     # 256 tokens in steps of 64 (the longest block: one CPT block or two distillation blocks a step), so
-    # every single-stage arm takes 4 steps; ard+cpt gives half to CPT, and its distillation stage keeps the
-    # CPT stage's one block a step until the restore config derives a step's blocks per stage
+    # every single-stage arm takes 4 steps; ard+cpt gives half to CPT, each of its stages 2 steps of 64
     expected_stages = {
         "cpt": [("cpt", 64, 256, 4)],
         "logits": [("logits", 32, 256, 4)],
         "hidden": [("hidden", 32, 256, 4)],
         "ard": [("ard", 32, 256, 4)],
-        "ard+cpt": [("ard", 32, 128, 4), ("cpt", 64, 128, 2)],
+        "ard+cpt": [("ard", 32, 128, 2), ("cpt", 64, 128, 2)],
     }
     models = results["evaluation"]["models"]
     for arm, stages in expected_stages.items():
@@ -255,7 +254,7 @@ def test_every_default_arm_trains_is_evaluated_and_reported(finished_study):
         rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")][1:]
         assert rows == DEFAULT, table
     assert "## Every run" in report and "#### agreement" in report
-    assert "recovery %" in report and "| ard+cpt | 256 | ard 128 × 32 (4 steps) + cpt 128 × 64 (2 steps) |" in report
+    assert "recovery %" in report and "| ard+cpt | 256 | ard 128 × 32 (2 steps) + cpt 128 × 64 (2 steps) |" in report
     for plot in ("ppl_vs_length.png", "passkey_native.png", "passkey_ard_cpt.png"):
         assert (finished_study / plot).stat().st_size > 0 and f"]({plot})" in report
     assert not (finished_study / "budget_curve.png").exists()  # no arm at two budgets

@@ -267,21 +267,25 @@ class Study:
         return bool(self.s.lr_sweep) and arm.trains and "lr" not in dict(arm.settings)
 
     def _automatic_tokens_per_step(self) -> int:
-        """Without --tokens-per-step: one long block (--cpt-seq-len, else the target length) per micro-batch
-        slot, i.e. that length x the base batch size x grad accumulation; the same whichever arms are listed."""
+        """Without --tokens-per-step: the base config's, else one long block (--cpt-seq-len, else the target
+        length) per micro-batch slot, i.e. that length x the base batch size x grad accumulation; the same
+        whichever arms are listed."""
         base = self.s.base
         long = base.cpt_seq_len or self.scaling.target_length
-        return math.lcm(base.seq_len, long) * base.batch_size * base.grad_accum
+        if base.tokens_per_step:
+            return base.tokens_per_step
+        return math.lcm(base.seq_len, long) * (base.batch_size or 1) * (base.grad_accum or 1)
 
     def _configure(self, run: Run, *, budget: int | None = None, lr: float | None = None) -> None:
-        from linearard.training.plan import plan_stages
+        from linearard.training.plan import plan_stages, resolve_device
 
         arm = run.arm
         config = arm_config(arm, self.s.base, self.scaling, seed=run.seed, output=run.folder / "train",
                             cpt_share=self.s.cpt_share, tokens_per_step=self.tokens_per_step,
                             budget=budget, lr=lr)
         try:
-            run.stages = plan_stages(config, self.scaling, 1)
+            run.stages = plan_stages(config, self.scaling, None, world_size=1, device=resolve_device(config),
+                                     bf16=False)
             self._check_layers(config)
         except UserError as err:
             raise UserError(f"arm {arm.name}{' (sweep)' if run.is_sweep else ''}: {err}") from None

@@ -168,7 +168,13 @@ def resolve_scaling(config: RestoreConfig, model_config: Any) -> RopeScaling:
 
 
 def plan_stages(
-    config: RestoreConfig, scaling: RopeScaling, shape: ModelShape, *, world_size: int, device: str, bf16: bool
+    config: RestoreConfig,
+    scaling: RopeScaling,
+    shape: ModelShape | None,
+    *,
+    world_size: int,
+    device: str,
+    bf16: bool,
 ) -> list[Stage]:
     """Split the token budget into the restore stage and the optional next-token stage, and each
     stage's optimizer step into micro-batches.
@@ -176,6 +182,8 @@ def plan_stages(
     Every stage takes the same number of tokens per optimizer step, whatever its block length: a
     step of 32K tokens is 32 blocks of 1K or one block of 32K. Blocks that the memory estimate does
     not fit into one micro-batch are accumulated.
+
+    Without a `shape` (planning before any model is read) a step's blocks are one micro-batch.
 
     Raises:
         UserError: a block length above the student's length, a budget too small for one step, or
@@ -198,6 +206,8 @@ def plan_stages(
     stages = []
     for name, objective, seq_len, budget in lengths:
         def fits(batch: int, objective: str = objective, seq_len: int = seq_len) -> bool:
+            if shape is None:
+                return True
             parts = _stage_memory(config, shape, objective, seq_len, batch, bf16)
             return _fixed_memory(config, shape, world_size) + sum(parts.values()) <= _memory_budget(device)
 
@@ -364,6 +374,12 @@ def read_model_meta(spec: str) -> tuple[Any, Any, torch.dtype]:
     return config, tokenizer, dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
+def resolve_device(config: RestoreConfig) -> str:
+    """``cuda`` or ``cpu``: where a run of `config` trains (``auto`` is CUDA when there is one)."""
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    return "cuda" if cuda else "cpu"
+
+
 def dry_run_plan(config: RestoreConfig) -> Plan:
     """The plan of `config` without loading any weights: the model is built on the meta device."""
     from transformers import AutoModelForCausalLM
@@ -384,11 +400,10 @@ def dry_run_plan(config: RestoreConfig) -> Plan:
         model = add_adapters(
             model, config.adapter, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout
         )
-    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
+    device = resolve_device(config)
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and device == "cuda")
     shape = ModelShape.of(model, model_config)
     shape.dtype = torch.bfloat16 if bf16 else torch.float32  # what a run loads the weights as
-    device = "cuda" if cuda else "cpu"
     stages = plan_stages(config, scaling, shape, world_size=world_size, device=device, bf16=bf16)
     files = corpus_files(config.data) if config.data else default_corpus_files()
     if config.data:
