@@ -29,13 +29,16 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from linearard.errors import UserError
 from linearard.models.adapters import ADAPTER_MODES
 from linearard.models.rope import ROPE_TYPES
+
+if TYPE_CHECKING:
+    from linearard.objectives.spec import ObjectiveSpec
 
 STRATEGIES = ("none", "ddp", "fsdp")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -126,7 +129,8 @@ class RestoreConfig:
     weights: dict[str, float] = field(
         default_factory=dict,
         metadata=_meta(
-            "weight of each objective in a combination, e.g. ard=1 cpt=0.1 (default 1 each)",
+            "weight of each objective in a combination, e.g. ard=1 cpt=0.1 (default 1 each; relations take "
+            "theirs from --relations)",
             "objective",
             metavar="NAME=W",
         ),
@@ -134,19 +138,24 @@ class RestoreConfig:
     relations: dict[str, float] = field(
         default_factory=dict,
         metadata=_meta(
-            "relations distilled by ard and their weights, e.g. q=1 k=1 v=0.5 (default q, k and v, weight 1)",
+            "relations distilled by ard and their weights, e.g. q=1 k=1 v=0.5; a relation left out is not "
+            "distilled (default q, k and v, weight 1)",
             "objective",
             metavar="R=W",
         ),
     )
-    layers: str = _opt(
-        "all", "decoder layers to distil: all, every-other, or indices such as 0,4,8,-1", "objective", metavar="SPEC"
+    layers: str | None = _opt(
+        None,
+        "decoder layers that ard, attention and hidden distil: all, every-other, or indices and ranges such as "
+        "0-11,-1 (default: every layer; for hidden four layers spread over the depth)",
+        "objective",
+        metavar="SPEC",
     )
     objective_options: dict[str, dict[str, Any]] = field(
         default_factory=dict,
         metadata=_meta(
             "further objective settings as OBJECTIVE.OPTION=VALUE, "
-            "e.g. ard.kv_norm=query_heads or logits.temperature=2",
+            "e.g. ard.kv_norm=query_heads or logits.temperature=2 (relations and layers: --relations, --layers)",
             "objective",
             metavar="OBJ.KEY=VALUE",
         ),
@@ -240,9 +249,25 @@ class RestoreConfig:
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise UserError(f"{_flag(name)}: unknown value {value!r}; choose one of {', '.join(choices)}")
-        if not self.objective.strip():
-            raise UserError("--objective must name at least one objective")
+        self.objective_spec()
         return self
+
+    def objective_spec(self) -> ObjectiveSpec:
+        """The restore stage's objective as a validated spec: what the loop, the plan, the
+        data-parallel wrapping and the study ask (`linearard.objectives.spec`).
+
+        Raises:
+            UserError: an unknown objective, weight, relation, layer choice or option.
+        """
+        from linearard.objectives.spec import ObjectiveSpec
+
+        return ObjectiveSpec.parse(
+            self.objective,
+            weights=self.weights,
+            relations=self.relations or None,
+            layers=self.layers,
+            options=self.objective_options,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -379,6 +404,8 @@ def coerce(name: str, value: Any, origin: str = "the config") -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return parse_float(value)
+        if name == "layers" and isinstance(value, (list, tuple)):
+            return ",".join(str(int(v)) for v in value)
         if kind is list:
             items = [value] if isinstance(value, str) else list(value)
             return [str(v) for v in items]

@@ -282,16 +282,10 @@ class Study:
                             budget=budget, lr=lr)
         try:
             run.stages = plan_stages(config, self.scaling, 1)
-            self._check_layers(config)
+            config.objective_spec().reads(self.num_layers)  # the layers exist in this model
         except UserError as err:
             raise UserError(f"arm {arm.name}{' (sweep)' if run.is_sweep else ''}: {err}") from None
         run.config = config
-
-    def _check_layers(self, config: RestoreConfig) -> None:
-        from linearard.objectives import select_layers
-
-        if config.layers != "all" and set(config.objective.split("+")) & {"ard", "attention", "hidden"}:
-            select_layers(config.layers, self.num_layers)
 
     def sweep_of(self, family: str) -> list[Run]:
         return [r for r in self.sweep_runs if r.arm.family == family]
@@ -474,7 +468,7 @@ class Study:
             "gpus": 1 if cuda else 0,
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
             "stages": [
-                {"name": s.name, "objective": s.objective, "seq_len": s.seq_len, "steps": s.steps,
+                {"name": s.name, "objective": s.objective.name, "seq_len": s.seq_len, "steps": s.steps,
                  "tokens": s.tokens, "tokens_per_step": s.tokens_per_step}
                 for s in result.plan.stages
             ],
@@ -577,7 +571,7 @@ def describe_plan(study: Study, runs: list[Run]) -> str:
         state = study.status(run)
         if run.arm.trains:
             stages = " then ".join(
-                f"{st.objective}: {format_tokens(st.tokens)} tokens in {st.steps} steps of "
+                f"{st.objective.name}: {format_tokens(st.tokens)} tokens in {st.steps} steps of "
                 f"{st.tokens_per_step // st.seq_len} x {st.seq_len}" for st in run.stages
             )
             lr = "lr from the sweep" if run.pending else f"lr {run.config.lr:g}"
