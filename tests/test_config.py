@@ -57,7 +57,8 @@ def test_every_field_is_a_flag_with_help():
 
 def test_typed_flags():
     cfg = _parse(["--max-tokens", "4.25M", "--target-length", "32Ki", "--data", "a.txt", "b/",
-                  "--weights", "ard=1", "cpt=0.5", "--relations", "q=1,k=0.5", "--no-eval",
+                  "--objective", "ard+cpt+logits", "--weights", "ard=1", "cpt=0.5", "--relations", "q=1,k=0.5",
+                  "--no-eval",
                   "--objective-options", "ard.kv_norm=query_heads", "logits.temperature=2"])
     assert cfg.max_tokens == 4_250_000 and cfg.target_length == 32768
     assert cfg.data == ["a.txt", "b/"]

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from linearard.config import build_config
 from linearard.errors import UserError
 from linearard.models.rope import RopeScaling
+from linearard.objectives import ObjectiveSpec
 from linearard.training import checkpoint as ckpt
 from linearard.training.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 from linearard.training.loop import _Run, restore
@@ -210,18 +211,22 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_memory_estimate_responds_to_the_settings(models, corpus, tmp_path):
     model = tiny_model("llama")
     shape = ModelShape.of(model, model.config)
-    stages = [Stage("restore", "ard", 4096, 10, 4096, 1, 1)]
+    stages = [Stage("restore", ObjectiveSpec.parse("ard"), 4096, 10, 4096, 1, 1)]
 
     def peak(blocks=1, **kw):
-        chosen = [Stage("restore", "ard", 4096, 10, 4096 * blocks, blocks, 1)]
-        return estimate_memory(_config(models, corpus, tmp_path, **kw), shape, chosen, world_size=2, bf16=False)
+        config = _config(models, corpus, tmp_path, **kw)
+        chosen = [Stage("restore", config.objective_spec(), 4096, 10, 4096 * blocks, blocks, 1)]
+        return estimate_memory(config, shape, chosen, world_size=2, bf16=False)
 
     base = peak()
+    qkv = "teacher Q/K/V (ard, distilled layers)"
     assert peak(gradient_checkpointing=True).parts["activations (restore)"] < base.parts["activations (restore)"]
     assert peak(strategy="fsdp").parts["frozen weights"] == base.parts["frozen weights"] // 2
-    assert peak(layers="0").parts["teacher Q/K/V (distilled layers)"] * 2 == (
-        base.parts["teacher Q/K/V (distilled layers)"]
-    )
+    assert peak(layers="0").parts[qkv] * 2 == base.parts[qkv]
+    assert peak(relations={"q": 1}).parts[qkv] * 2 == base.parts[qkv]  # 4 query heads, 2 + 2 key/value heads
+    # every term counts what it keeps, in any order
+    both = peak(objective="logits+ard")
+    assert both.parts[qkv] == base.parts[qkv] and both.parts["logits chunk (fp32)"] > 0
     assert peak(blocks=2).peak > base.peak
     assert stages[0].tokens == 40960
 
@@ -244,7 +249,7 @@ def test_each_stage_takes_the_same_tokens_per_step_in_micro_batches_that_fit(mod
     # blocks the memory budget does not fit into one micro-batch are accumulated
     monkeypatch.setattr(plan, "_memory_budget", lambda device: plan._fixed_memory(
         _config(models, corpus, tmp_path), shape, 2) + sum(plan._stage_memory(
-            _config(models, corpus, tmp_path), shape, "ard", 64, 8, False).values()))
+            _config(models, corpus, tmp_path), shape, ObjectiveSpec.parse("ard"), 64, 8, False).values()))
     (limited,) = stages(seq_len=64, tokens_per_step=4096)
     assert (limited.batch_size, limited.grad_accum) == (8, 4)
     (given,) = stages(seq_len=64, tokens_per_step=4096, batch_size=4)

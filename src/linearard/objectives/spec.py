@@ -176,10 +176,14 @@ class ObjectiveSpec:
             if key not in names:
                 raise UserError(f"a weight is given for {key!r}, which is not a term of the objective {objective!r}")
             _check_weight(key, weight)
-        options = {k: dict(v) for k, v in (options or {}).items()}
+        options = dict(options or {})
         stray = [k for k in options if k not in names]
         if stray:
             raise UserError(f"options are given for {stray[0]!r}, which is not part of the objective {objective!r}")
+        for key, value in options.items():
+            if not isinstance(value, Mapping):
+                raise UserError(f"the options of {key!r} must be a mapping of option: value, got {value!r}")
+            options[key] = dict(value)
         layer_choice = None if layers is None else normalise_layers(layers)
         if layer_choice is not None and not {"ard", "attention", "hidden"} & set(names):
             raise UserError(f"--layers chooses layers of ard, attention or hidden; {objective!r} has none of them")

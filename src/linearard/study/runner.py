@@ -149,6 +149,7 @@ def arm_config(
     """
     budget = arm.tokens(base.max_tokens) if budget is None else budget
     names = arm.objectives()
+    # the base's objective settings that this arm's objectives take (a logits weight means nothing to ard)
     kept_weights = {k: w for k, w in base.weights.items() if k in names}
     values: dict[str, Any] = {
         "objective": arm.objective,
@@ -160,6 +161,9 @@ def arm_config(
         "target_length": scaling.target_length,
         "cpt_tokens": round(budget * cpt_share) if arm.cpt_stage else 0,
         "weights": {**kept_weights, **dict(arm.weights)},
+        "relations": base.relations if "ard" in names else {},
+        "layers": base.layers if {"ard", "attention", "hidden"} & set(names) else None,
+        "objective_options": {k: v for k, v in base.objective_options.items() if k in names},
         "export": True,
         "eval": False,  # the study evaluates every arm itself, with the same tasks
         "resume": False,
