@@ -223,8 +223,6 @@ class ObjectiveSpec:
             if name not in OBJECTIVES:
                 raise UserError(f"unknown objective {name!r} in a saved objective")
             options = dict(item.get("options", {}))
-            if "layers" in options:
-                options["layers"] = normalise_layers(options["layers"])
             terms.append(Term(name, _check_weight(name, item["weight"]), _resolve_options(name, options)))
         return cls(tuple(terms))
 
