@@ -82,6 +82,9 @@ class _PeftLoop:
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
         return self.forward(input_ids=ids, labels=ids).loss
 
+    def close(self) -> None:
+        """Nothing to undo (the same interface as `_OurLoop`)."""
+
 
 class _OurLoop:
     """This project's objective on the shared-weight teacher/student pair."""
@@ -102,6 +105,9 @@ class _OurLoop:
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
         return self.objective.run(self.ts, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]
+
+    def close(self) -> None:
+        self.ts.close()
 
 
 def micro_batches(shape: str, loop: str, seq_len: int, tokens_per_step: int, rank: int, checkpointing: bool,
@@ -146,6 +152,7 @@ def time_loop(args: argparse.Namespace, loop: str, compiled: bool, batch: int, a
         times.append(time.perf_counter() - start)
     if args.profile:
         _profile_step(args, runner, optimizer, ids, f"{loop}_{'compiled' if compiled else 'eager'}")
+    runner.close()
     tokens = batch * accum * args.seq_len
     ms = statistics.median(times[2:]) * 1000
     return {

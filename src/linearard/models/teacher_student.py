@@ -16,6 +16,7 @@ back and takes the name out of transformers' registries once no other open pair 
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -127,6 +128,11 @@ def _unregister(name: str) -> None:
         del ALL_MASK_ATTENTION_FUNCTIONS[name]
 
 
+def _restore_attention(config: Any, own: str, registered: str) -> None:
+    config._attn_implementation = own
+    _unregister(registered)
+
+
 class StudentRope(nn.Module):
     """The student's rotary embedding: the model's own rotary class built from the scaled config.
 
@@ -195,17 +201,15 @@ class TeacherStudent:
         self._own_attention = config._attn_implementation
         if self._own_attention.startswith(_PREFIX):
             raise UserError("this model already has an open TeacherStudent; close that one first")
-        self._attention = _register(self._own_attention)
-        config._attn_implementation = self._attention
+        attention = _register(self._own_attention)
+        config._attn_implementation = attention
+        # also undone when the pair is garbage-collected unclosed
+        self._undo = weakref.finalize(self, _restore_attention, config, self._own_attention, attention)
 
     def close(self) -> None:
         """Give the model its own attention implementation back and unregister the capturing one (once
         no other pair uses it). Safe to call twice; the pair captures nothing afterwards."""
-        if self._attention is None:
-            return
-        self.decoder.config._attn_implementation = self._own_attention
-        _unregister(self._attention)
-        self._attention = None
+        self._undo()
 
     def __enter__(self) -> TeacherStudent:
         return self
