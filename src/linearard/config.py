@@ -87,7 +87,8 @@ class RestoreConfig:
     data: list[str] = field(
         default_factory=list,
         metadata=_meta(
-            "training text: files or folders of .txt/.md/.jsonl/.parquet (default: the built-in public-domain corpus)",
+            "training text: files or folders of .txt/.md/.jsonl/.parquet, or built-in public-domain sources "
+            "corpus:shakespeare (the default), corpus:milton, corpus:python-docs, corpus:kjv",
             "data",
             metavar="PATH",
         ),

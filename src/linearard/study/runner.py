@@ -35,11 +35,9 @@ are not recomputed for every arm.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +49,8 @@ import torch
 from linearard.config import RestoreConfig
 from linearard.errors import UserError
 from linearard.evaluation.settings import EvalSettings
+from linearard.files import write_atomic
+from linearard.models.load import free_memory
 from linearard.models.rope import RopeScaling
 from linearard.study.arms import Arm, format_tokens, slugify
 from linearard.training.loop import RESUMABLE_CHANGES
@@ -448,7 +448,7 @@ class Study:
                 self.failures[run.label] = str(err)
             return False
         finally:
-            _free_memory()
+            free_memory()
 
     def _train(self, run: Run, *, resume: bool) -> None:
         from linearard.training.loop import restore
@@ -607,16 +607,7 @@ def read_json(path: Path) -> dict:
 
 def write_json(path: Path, data: Any) -> None:
     """Write `data` as JSON atomically (a crash never leaves half a file); non-finite floats -> null."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite(data), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
 
 
 def _finite(value: Any) -> Any:
@@ -635,9 +626,3 @@ def _device_name(device: torch.device) -> str:
     import platform
 
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from linearard.config import RestoreConfig, build_config
-from linearard.data import TokenBlocks, corpus_files, default_corpus_files, estimate_corpus_tokens
+from linearard.data import TokenBlocks, estimate_corpus_tokens, training_files
 from linearard.errors import UserError
 from linearard.export import check_exportable
 from linearard.models.adapters import add_adapters, trainable_parameters
@@ -243,7 +243,7 @@ class _Run:
         self.ts = TeacherStudent(model, self.scaling)
         if self._compiles():
             compile_layers(self.ts)
-        self.files = _corpus(config)
+        self.files = training_files(config.data)
         shape = ModelShape.of(model, self.ts.config)
         self.stages = plan_stages(
             config, self.scaling, shape, world_size=ctx.world_size, device=str(ctx.device), bf16=self.bf16
@@ -541,10 +541,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _corpus(config: RestoreConfig) -> list[Path]:
-    return corpus_files(config.data) if config.data else default_corpus_files()
 
 
 def _adds_bos(tokenizer: Any) -> bool:

@@ -345,7 +345,7 @@ def dry_run_plan(config: RestoreConfig) -> Plan:
     """The plan of `config` without loading any weights: the model is built on the meta device."""
     from transformers import AutoModelForCausalLM
 
-    from linearard.data import corpus_files, default_corpus_files, estimate_corpus_tokens
+    from linearard.data import estimate_corpus_tokens, training_files
     from linearard.export import check_exportable
     from linearard.models.adapters import add_adapters
 
@@ -366,7 +366,7 @@ def dry_run_plan(config: RestoreConfig) -> Plan:
     shape.dtype = torch.bfloat16 if bf16 else torch.float32  # what a run loads the weights as
     device = "cuda" if cuda else "cpu"
     stages = plan_stages(config, scaling, shape, world_size=world_size, device=device, bf16=bf16)
-    files = corpus_files(config.data) if config.data else default_corpus_files()
+    files = training_files(config.data)
     return Plan(
         config=config,
         model=shape,
