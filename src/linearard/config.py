@@ -440,6 +440,25 @@ def parse_count(value: Any) -> int:
     return int(number)
 
 
+def parse_counts(text: str, minimum: int = 1) -> list[int]:
+    """Comma-separated counts, each as `parse_count` reads it: ``"256,1K,32Ki"`` -> ``[256, 1000, 32768]``.
+
+    The argparse type of every flag that lists lengths.
+
+    Raises:
+        argparse.ArgumentTypeError: a part that is no whole number, or one below `minimum`.
+    """
+    import argparse
+
+    try:
+        values = [parse_count(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 4096,8K, got {text!r}") from None
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"expected numbers of at least {minimum}, got {text!r}")
+    return values
+
+
 def parse_float(value: Any) -> float:
     return float(str(value).replace("_", "")) if isinstance(value, str) else float(value)
 

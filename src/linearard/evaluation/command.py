@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from linearard.config import parse_counts
 from linearard.errors import UserError
 from linearard.evaluation.settings import EvalSettings
 from linearard.evaluation.tasks import LONG_TASKS, SHORT_TASKS, TASK_GROUPS
@@ -35,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="items per benchmark, a fixed random subset; 0 = all (default: 100 on CPU, "
                              "all on GPU)")
-    parser.add_argument("--lengths", type=_int_list, default=None, metavar="L1,L2",
+    parser.add_argument("--lengths", type=_lengths, default=None, metavar="L1,L2",
                         help="long-context lengths (default: 1024,2048 on CPU; 4096,8192,16384,32768 on GPU)")
-    parser.add_argument("--ppl-lengths", type=_int_list, default=None, metavar="L1,L2",
+    parser.add_argument("--ppl-lengths", type=_lengths, default=None, metavar="L1,L2",
                         help="window lengths of the held-out perplexity (default: 256,1024 on CPU; "
                              "256,1024,4096 on GPU)")
     parser.add_argument("--samples", type=int, default=None, metavar="N",
@@ -110,11 +111,5 @@ def _named_models(specs: list[str]) -> dict[str, str]:
     return models
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
-    if not values or any(v < 2 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive lengths, got {text!r}")
-    return values
+def _lengths(text: str) -> list[int]:
+    return parse_counts(text, minimum=2)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from linearard.config import ROPE_KEYS, build_config, load_yaml, parse_count
+from linearard.config import ROPE_KEYS, build_config, load_yaml, parse_count, parse_counts
 from linearard.errors import UserError
 from linearard.models.rope import ROPE_TYPES
 from linearard.study.arms import DEFAULT_ARMS, PAPER_CPT_SHARE, PRESETS, parse_arms
@@ -341,13 +341,7 @@ def _share(text: str) -> float:
 
 
 def _lengths(text: str) -> list[int]:
-    try:
-        values = [parse_count(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated lengths such as 4096,8K, got {text!r}") from None
-    if not values or min(values) < 2:
-        raise argparse.ArgumentTypeError(f"expected lengths of at least 2, got {text!r}")
-    return values
+    return parse_counts(text, minimum=2)
 
 
 def _rates(text: str) -> list[float]:
