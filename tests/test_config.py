@@ -6,6 +6,8 @@ import pytest
 import yaml
 
 from linearard.config import (
+    PAPER_CPT_TOKENS,
+    PAPER_TOKENS,
     RestoreConfig,
     build_config,
     field_names,
@@ -152,5 +154,5 @@ def test_packaged_configs_are_valid():
     for p in packaged_configs():
         build_config(yaml_source=p.name.removesuffix(".yaml"))
     paper = load_yaml("paper")
-    assert paper["max_tokens"] == 4_456_448  # 4.25 Mi tokens: ARD 2.25 Mi + CPT 2 Mi
-    assert paper["cpt_tokens"] == 2 * 2**20
+    assert paper["max_tokens"] == PAPER_TOKENS == 4_250_000  # ARD 2.25M + CPT 2M
+    assert paper["cpt_tokens"] == PAPER_CPT_TOKENS

@@ -45,6 +45,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ROPE_KEYS = ("rope_type", "rope_factor", "target_length")
 
+# LinearARD's training budget: 2.25M tokens of relation distillation, then 2M of next-token training.
+PAPER_TOKENS = 4_250_000
+PAPER_CPT_TOKENS = 2_000_000
+
 # The order of the groups in `--help` and in saved YAML files.
 GROUPS = ("model", "data", "objective", "adapters", "optimization", "stages", "run", "evaluation")
 
@@ -96,7 +100,7 @@ class RestoreConfig:
     seq_len: int = _opt(256, "tokens per training block of the restore stage (short texts)", "data", metavar="N")
     max_tokens: int = _opt(
         40_000,
-        "training-token budget of the whole run, all stages together (e.g. 4.25M, the paper's budget)",
+        f"training-token budget of the whole run, all stages together (e.g. {PAPER_TOKENS / 1e6:g}M, the paper's)",
         "data",
         metavar="N",
     )

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from linearard.errors import UserError
 from linearard.models.adapters import adapter_state_dict, merge_adapters
-from linearard.models.rope import SCALED_LAYER_TYPE, RopeScaling, legacy_rope_fields, scaled_config
+from linearard.models.rope import SCALED_LAYER_TYPE, RopeScaling, legacy_rope_fields, rotary_dim, scaled_config
 
 ADAPTER_DIR = "adapter"
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -102,7 +102,7 @@ def exported_config(config: Any, scaling: RopeScaling) -> Any:
     per_type = all(isinstance(v, dict) for v in params.values())
     entry = params[SCALED_LAYER_TYPE] if per_type else params
     if entry.get("rope_type") == "dynamic":
-        dim = _rotary_dim(new, entry)
+        dim = rotary_dim(new, entry)
         factor = entry["factor"]
         # The base dynamic NTK uses at the target length (same expression as transformers').
         base = entry["rope_theta"] * (
@@ -200,11 +200,6 @@ def _add_legacy_rope(path: Path, config: Any) -> None:
     for key, value in legacy_rope_fields(config).items():
         data.setdefault(key, value)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _rotary_dim(config: Any, params: dict[str, Any]) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return int(head_dim * params.get("partial_rotary_factor", 1.0))
 
 
 # -- command line ----------------------------------------------------------------------------------

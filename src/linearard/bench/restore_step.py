@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from linearard.config import build_config
+from linearard.config import PAPER_TOKENS, build_config
 from linearard.errors import UserError
 from linearard.models.adapters import add_adapters, trainable_parameters
 from linearard.models.compat import enable_activation_checkpointing
@@ -256,7 +256,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every loop")
     parser.add_argument("--end-to-end", metavar="MODEL_DIR", help="also time `linearard restore` on this model")
     parser.add_argument("--data", help="training text for --end-to-end (default: the built-in corpus)")
-    parser.add_argument("--e2e-tokens", type=int, default=4_250_000, help="budget of the --end-to-end run")
+    parser.add_argument("--e2e-tokens", type=int, default=PAPER_TOKENS, help="budget of the --end-to-end run")
     parser.add_argument("--e2e-output", type=Path, default=Path("bench-restore-run"))
     parser.add_argument("--profile", type=Path, help="write each loop's kernel profile of one step to this folder")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -110,12 +111,12 @@ _OPEN: dict[str, int] = {}
 
 
 def _register(inner: str) -> str:
-    """Register the capturing implementation over `inner` (in the interfaces' instance mappings, which
-    can be undone; the class-wide ``register`` cannot) and return its name."""
+    """Register the capturing implementation over `inner` and return its name. Class-wide: transformers
+    builds masks (sliding windows…) only for names in the mask interface's class-wide mapping."""
     name = _PREFIX + inner
     if not _OPEN.get(name):
-        ALL_ATTENTION_FUNCTIONS[name] = _capturing_attention
-        ALL_MASK_ATTENTION_FUNCTIONS[name] = ALL_MASK_ATTENTION_FUNCTIONS[inner]
+        AttentionInterface.register(name, _capturing_attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
     _OPEN[name] = _OPEN.get(name, 0) + 1
     return name
 
@@ -124,8 +125,9 @@ def _unregister(name: str) -> None:
     _OPEN[name] -= 1
     if not _OPEN[name]:
         del _OPEN[name]
-        del ALL_ATTENTION_FUNCTIONS[name]
-        del ALL_MASK_ATTENTION_FUNCTIONS[name]
+        # the interfaces have no way to unregister; their class-wide mapping is where register() wrote
+        del AttentionInterface._global_mapping[name]
+        del AttentionMaskInterface._global_mapping[name]
 
 
 def _restore_attention(config: Any, own: str, registered: str) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from linearard.config import coerce, field_names, parse_count
+from linearard.config import PAPER_CPT_TOKENS, PAPER_TOKENS, coerce, field_names, parse_count
 from linearard.errors import UserError
 
 UNTRAINED = ("native", "scaled")
@@ -53,7 +53,7 @@ PRESETS = {
 }
 DEFAULT_ARMS = ",".join(PRESETS["default"])
 # The paper's two stages: 4.25M tokens = 2.25M of ARD + 2M of CPT (PAPER_NOTES: inferred, not stated).
-PAPER_CPT_SHARE = 2.0 / 4.25
+PAPER_CPT_SHARE = PAPER_CPT_TOKENS / PAPER_TOKENS
 # Settings the study fixes for every arm: one starting point, one RoPE, one run folder per arm.
 STUDY_SETTINGS = frozenset(
     {"model", "rope_type", "rope_factor", "target_length", "output", "resume", "dry_run", "export", "eval",
