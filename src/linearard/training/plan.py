@@ -32,7 +32,7 @@ from linearard.models.rope import RopeScaling
 from linearard.objectives.spec import ObjectiveSpec
 
 DEMO_ROPE = ("linear", 4.0)
-# The default optimizer step on a GPU, about the paper's (4.25M tokens in 144 steps).
+# The default optimizer step on a GPU: the paper's 4.25M tokens in 129 steps.
 GPU_TOKENS_PER_STEP = 32768
 
 
