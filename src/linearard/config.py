@@ -463,6 +463,11 @@ def parse_counts(text: str, minimum: int = 1) -> list[int]:
     return values
 
 
+def parse_lengths(text: str) -> list[int]:
+    """Sequence lengths for evaluation flags: `parse_counts` of at least 2 tokens."""
+    return parse_counts(text, minimum=2)
+
+
 def parse_float(value: Any) -> float:
     return float(str(value).replace("_", "")) if isinstance(value, str) else float(value)
 

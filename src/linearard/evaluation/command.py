@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from linearard.config import parse_counts
+from linearard.config import parse_lengths
 from linearard.errors import UserError
 from linearard.evaluation.settings import EvalSettings, device_defaults
 from linearard.evaluation.tasks import LONG_TASKS, SHORT_TASKS, TASK_GROUPS
@@ -36,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="items per benchmark, a fixed random subset; 0 = all "
                              f"(default: {device_defaults('limit')})")
-    parser.add_argument("--lengths", type=_lengths, default=None, metavar="L1,L2",
+    parser.add_argument("--lengths", type=parse_lengths, default=None, metavar="L1,L2",
                         help=f"long-context lengths (default: {device_defaults('lengths')})")
-    parser.add_argument("--ppl-lengths", type=_lengths, default=None, metavar="L1,L2",
+    parser.add_argument("--ppl-lengths", type=parse_lengths, default=None, metavar="L1,L2",
                         help=f"window lengths of the held-out perplexity (default: {device_defaults('ppl_lengths')})")
     parser.add_argument("--samples", type=int, default=None, metavar="N",
                         help="prompts per passkey cell and per RULER-style length "
@@ -108,7 +108,3 @@ def _named_models(specs: list[str]) -> dict[str, str]:
             raise UserError(f"two --model arguments are named {name!r}; name them NAME=SPEC")
         models[name] = rest
     return models
-
-
-def _lengths(text: str) -> list[int]:
-    return parse_counts(text, minimum=2)

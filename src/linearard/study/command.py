@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from linearard.config import PAPER_TOKENS, ROPE_KEYS, build_config, load_yaml, parse_count, parse_counts
+from linearard.config import PAPER_TOKENS, ROPE_KEYS, build_config, load_yaml, parse_count, parse_lengths
 from linearard.errors import UserError
 from linearard.evaluation.settings import device_defaults
 from linearard.models.rope import ROPE_TYPES
@@ -115,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help="evaluation tasks or groups, as in `linearard eval` (default: all)")
     evaluation.add_argument("--limit", type=_count, metavar="N",
                             help=f"items per benchmark, 0 = all (default: {device_defaults('limit')})")
-    evaluation.add_argument("--lengths", type=_lengths, metavar="L1,L2",
+    evaluation.add_argument("--lengths", type=parse_lengths, metavar="L1,L2",
                             help=f"long-context lengths (default: {device_defaults('lengths')})")
     evaluation.add_argument("--eval-batch-size", type=_positive(int), metavar="N",
                             help="sequences per forward pass on short tasks "
@@ -341,8 +341,6 @@ def _share(text: str) -> float:
     return value
 
 
-def _lengths(text: str) -> list[int]:
-    return parse_counts(text, minimum=2)
 
 
 def _rates(text: str) -> list[float]:

@@ -324,8 +324,8 @@ class _Run:
     def _unreached(self, stage: Stage) -> list[str]:
         """Trainable parameters that the stage's objective cannot give a gradient."""
         n = self.ts.num_layers
-        return [name for name, p in self.model.named_parameters()
-                if p.requires_grad and not stage.objective.reaches(name, n)]
+        reads = stage.objective.reads(n)
+        return [name for name, p in self.model.named_parameters() if p.requires_grad and not reads.reaches(name, n)]
 
     def _blocks(self, stage: Stage) -> TokenBlocks:
         return TokenBlocks(
