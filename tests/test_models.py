@@ -285,3 +285,27 @@ def test_embedded_default_model_loads_and_predicts():
     with torch.no_grad():
         nxt = model(ids).logits[0, -1].argmax().item()
     assert tok.decode([nxt]).strip() == "Rome"
+
+
+def test_teacher_student_undoes_its_attention_hook_on_close():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    registered = (set(ALL_ATTENTION_FUNCTIONS), set(ALL_MASK_ATTENTION_FUNCTIONS))
+    model = tiny_model("llama")
+    own = model.config._attn_implementation
+    with TeacherStudent(model, RopeScaling.resolve(model.config, "linear", 4.0)) as ts:
+        assert model.config._attn_implementation != own
+        seen = []
+        with torch.no_grad(), ts.teacher(), ts.capture(lambda i, _: seen.append(i)):
+            model(IDS)
+        assert seen == [0, 1]
+        other = tiny_model("llama")  # a model loaded meanwhile is not touched either
+        assert other.config._attn_implementation == own
+    assert model.config._attn_implementation == own
+    assert (set(ALL_ATTENTION_FUNCTIONS), set(ALL_MASK_ATTENTION_FUNCTIONS)) == registered
+    after = tiny_model("llama")
+    assert after.config._attn_implementation == own
+    with torch.no_grad():
+        model(IDS)  # the closed pair's model runs on its own attention
+    ts.close()  # twice is harmless

@@ -3,6 +3,8 @@ signal, gradient routing, gradient checkpointing and weighted combinations."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -358,20 +360,29 @@ def test_combination_weights_are_honoured():
 def test_zero_weights_switch_terms_off():
     _, ts = make_pair("llama")
     batch = make_batch()
-    loss, metrics = build_objective("ard+logits", weights={"logits": 0, "v": 0})(ts, batch)
+    loss, metrics = build_objective("ard+logits", weights={"logits": 0}, relations={"q": 1, "k": 1, "v": 0})(ts, batch)
     assert not any(k.startswith("logits/") for k in metrics)
     assert "ard/vv" not in metrics
     assert loss.item() == pytest.approx(metrics["ard/qq"] + metrics["ard/kk"], rel=1e-5)
 
 
-def test_shared_and_per_objective_options():
-    objective = build_objective(
-        "ard+attention+cpt", layers="0", ard={"kv_norm": "query_heads"}, attention={"layers": "all"}
-    )
+def test_layers_are_shared_and_other_options_per_objective():
+    objective = build_objective("ard+attention+cpt", layers="0", ard={"kv_norm": "query_heads"})
     ard, attention, _ = (o for _, o in objective.parts)
-    assert (ard.layers, ard.kv_norm, attention.layers) == ("0", "query_heads", "all")
-    # a shared option that only some objectives take is ignored by the rest
-    assert build_objective("cpt", layers="all", temperature=2.0).name == "cpt"
+    assert (ard.layers, ard.kv_norm, attention.layers) == ((0,), "query_heads", (0,))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"weights": {"v": 0}}, "--relations q=1 k=1 v=0"),
+        ({"ard": {"relations": {"v": 0}}}, "give relations with --relations"),
+        ({"ard": {"layers": 0}}, "give layers with --layers"),
+    ],
+)
+def test_old_spellings_show_the_new_one(kwargs, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        build_objective("ard", **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -382,9 +393,12 @@ def test_shared_and_per_objective_options():
         ("cpt", {"weights": {"q": 1.0}}),
         ("ard", {"weights": {"ard": -1.0}}),
         ("ard", {"weights": {"ard": 0.0}}),
-        ("ard", {"weights": {"q": 0, "k": 0, "v": 0}}),
+        ("ard", {"relations": {"q": 0, "k": 0, "v": 0}}),
+        ("cpt", {"relations": {"q": 1}}),
+        ("cpt", {"layers": "0"}),
+        ("ard", {"layers": "x"}),
         ("ard", {"nonsense": 2.0}),
-        ("ard", {"ard": {"relations": ["x"]}}),
+        ("ard", {"relations": ["x"]}),
         ("ard", {"ard": {"scale": "big"}}),
         ("ard", {"ard": {"kv_norm": "heads"}}),
         ("ard", {"ard": {"bogus": 1}}),

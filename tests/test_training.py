@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from linearard.config import build_config
 from linearard.errors import UserError
 from linearard.models.rope import RopeScaling
+from linearard.objectives import ObjectiveSpec
 from linearard.training import checkpoint as ckpt
 from linearard.training.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 from linearard.training.loop import _Run, restore
@@ -106,9 +107,11 @@ class SimulatedCrash(Exception):
     pass
 
 
-def test_resume_continues_exactly(models, corpus, tmp_path, monkeypatch):
+# the second leaves the deepest layer's v_proj adapter out of the optimizer (no term reaches it)
+@pytest.mark.parametrize("objective", [{}, {"relations": {"q": 1.0, "k": 1.0}}], ids=["all", "unreached"])
+def test_resume_continues_exactly(models, corpus, tmp_path, monkeypatch, objective):
     # dropout and a shuffle buffer make the run depend on every RNG and the data position
-    common = dict(max_tokens=64 * 6, save_every=2, lora_dropout=0.2, shuffle_buffer=16)
+    common = dict(max_tokens=64 * 6, save_every=2, lora_dropout=0.2, shuffle_buffer=16, **objective)
     reference = _config(models, corpus, tmp_path / "a", **common)
     restore(reference, log=_quiet)
 
@@ -215,18 +218,22 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_memory_estimate_responds_to_the_settings(models, corpus, tmp_path):
     model = tiny_model("llama")
     shape = ModelShape.of(model, model.config)
-    stages = [Stage("restore", "ard", 4096, 10, 4096, 1, 1)]
+    stages = [Stage("restore", ObjectiveSpec.parse("ard"), 4096, 10, 4096, 1, 1)]
 
     def peak(blocks=1, **kw):
-        chosen = [Stage("restore", "ard", 4096, 10, 4096 * blocks, blocks, 1)]
-        return estimate_memory(_config(models, corpus, tmp_path, **kw), shape, chosen, world_size=2, bf16=False)
+        config = _config(models, corpus, tmp_path, **kw)
+        chosen = [Stage("restore", config.objective_spec(), 4096, 10, 4096 * blocks, blocks, 1)]
+        return estimate_memory(config, shape, chosen, world_size=2, bf16=False)
 
     base = peak()
+    qkv = "teacher Q/K/V (ard, distilled layers)"
     assert peak(gradient_checkpointing=True).parts["activations (restore)"] < base.parts["activations (restore)"]
     assert peak(strategy="fsdp").parts["frozen weights"] == base.parts["frozen weights"] // 2
-    assert peak(layers="0").parts["teacher Q/K/V (distilled layers)"] * 2 == (
-        base.parts["teacher Q/K/V (distilled layers)"]
-    )
+    assert peak(layers="0").parts[qkv] * 2 == base.parts[qkv]
+    assert peak(relations={"q": 1}).parts[qkv] * 2 == base.parts[qkv]  # 4 query heads, 2 + 2 key/value heads
+    # every term counts what it keeps, in any order
+    both = peak(objective="logits+ard")
+    assert both.parts[qkv] == base.parts[qkv] and both.parts["logits chunk (fp32)"] > 0
     assert peak(blocks=2).peak > base.peak
     assert stages[0].tokens == 40960
 
@@ -249,7 +256,7 @@ def test_each_stage_takes_the_same_tokens_per_step_in_micro_batches_that_fit(mod
     # blocks the memory budget does not fit into one micro-batch are accumulated
     monkeypatch.setattr(plan, "_memory_budget", lambda device: plan._fixed_memory(
         _config(models, corpus, tmp_path), shape, 2) + sum(plan._stage_memory(
-            _config(models, corpus, tmp_path), shape, "ard", 64, 8, False).values()))
+            _config(models, corpus, tmp_path), shape, ObjectiveSpec.parse("ard"), 64, 8, False).values()))
     (limited,) = stages(seq_len=64, tokens_per_step=4096)
     assert (limited.batch_size, limited.grad_accum) == (8, 4)
     (given,) = stages(seq_len=64, tokens_per_step=4096, batch_size=4)

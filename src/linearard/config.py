@@ -29,7 +29,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -37,10 +37,17 @@ from linearard.errors import UserError
 from linearard.models.adapters import ADAPTER_MODES
 from linearard.models.rope import ROPE_TYPES
 
+if TYPE_CHECKING:
+    from linearard.objectives.spec import ObjectiveSpec
+
 STRATEGIES = ("none", "ddp", "fsdp")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ROPE_KEYS = ("rope_type", "rope_factor", "target_length")
+
+# LinearARD's training budget: 2.25M tokens of relation distillation, then 2M of next-token training.
+PAPER_TOKENS = 4_250_000
+PAPER_CPT_TOKENS = 2_000_000
 
 # The order of the groups in `--help` and in saved YAML files.
 GROUPS = ("model", "data", "objective", "adapters", "optimization", "stages", "run", "evaluation")
@@ -84,7 +91,8 @@ class RestoreConfig:
     data: list[str] = field(
         default_factory=list,
         metadata=_meta(
-            "training text: files or folders of .txt/.md/.jsonl/.parquet (default: the built-in public-domain corpus)",
+            "training text: files or folders of .txt/.md/.jsonl/.parquet, or built-in public-domain sources "
+            "corpus:shakespeare (the default), corpus:milton, corpus:python-docs, corpus:kjv",
             "data",
             metavar="PATH",
         ),
@@ -92,7 +100,7 @@ class RestoreConfig:
     seq_len: int = _opt(256, "tokens per training block of the restore stage (short texts)", "data", metavar="N")
     max_tokens: int = _opt(
         40_000,
-        "training-token budget of the whole run, all stages together (e.g. 4.25M, the paper's budget)",
+        f"training-token budget of the whole run, all stages together (e.g. {PAPER_TOKENS / 1e6:g}M, the paper's)",
         "data",
         metavar="N",
     )
@@ -126,7 +134,8 @@ class RestoreConfig:
     weights: dict[str, float] = field(
         default_factory=dict,
         metadata=_meta(
-            "weight of each objective in a combination, e.g. ard=1 cpt=0.1 (default 1 each)",
+            "weight of each objective in a combination, e.g. ard=1 cpt=0.1 (default 1 each; relations take "
+            "theirs from --relations)",
             "objective",
             metavar="NAME=W",
         ),
@@ -134,19 +143,24 @@ class RestoreConfig:
     relations: dict[str, float] = field(
         default_factory=dict,
         metadata=_meta(
-            "relations distilled by ard and their weights, e.g. q=1 k=1 v=0.5 (default q, k and v, weight 1)",
+            "relations distilled by ard and their weights, e.g. q=1 k=1 v=0.5; a relation left out is not "
+            "distilled (default q, k and v, weight 1)",
             "objective",
             metavar="R=W",
         ),
     )
-    layers: str = _opt(
-        "all", "decoder layers to distil: all, every-other, or indices such as 0,4,8,-1", "objective", metavar="SPEC"
+    layers: str | None = _opt(
+        None,
+        "decoder layers that ard, attention and hidden distil: all, every-other, or indices and ranges such as "
+        "0-11,-1 (default: every layer; for hidden four layers spread over the depth)",
+        "objective",
+        metavar="SPEC",
     )
     objective_options: dict[str, dict[str, Any]] = field(
         default_factory=dict,
         metadata=_meta(
             "further objective settings as OBJECTIVE.OPTION=VALUE, "
-            "e.g. ard.kv_norm=query_heads or logits.temperature=2",
+            "e.g. ard.kv_norm=query_heads or logits.temperature=2 (relations and layers: --relations, --layers)",
             "objective",
             metavar="OBJ.KEY=VALUE",
         ),
@@ -245,9 +259,25 @@ class RestoreConfig:
                 raise UserError(f"{_flag(name)}: unknown value {value!r}; choose one of {', '.join(choices)}")
         if self.resume and self.overwrite:
             raise UserError("--resume continues the run in --output and --overwrite starts it over: give one")
-        if not self.objective.strip():
-            raise UserError("--objective must name at least one objective")
+        self.objective_spec()
         return self
+
+    def objective_spec(self) -> ObjectiveSpec:
+        """The restore stage's objective as a validated spec: what the loop, the plan, the
+        data-parallel wrapping and the study ask (`linearard.objectives.spec`).
+
+        Raises:
+            UserError: an unknown objective, weight, relation, layer choice or option.
+        """
+        from linearard.objectives.spec import ObjectiveSpec
+
+        return ObjectiveSpec.parse(
+            self.objective,
+            weights=self.weights,
+            relations=self.relations or None,
+            layers=self.layers,
+            options=self.objective_options,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -384,6 +414,8 @@ def coerce(name: str, value: Any, origin: str = "the config") -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return parse_float(value)
+        if name == "layers" and isinstance(value, (list, tuple)):
+            return ",".join(str(int(v)) for v in value)
         if kind is list:
             items = [value] if isinstance(value, str) else list(value)
             return [str(v) for v in items]
@@ -415,6 +447,30 @@ def parse_count(value: Any) -> int:
     if not number.is_integer():
         raise ValueError("expected a whole number")
     return int(number)
+
+
+def parse_counts(text: str, minimum: int = 1) -> list[int]:
+    """Comma-separated counts, each as `parse_count` reads it: ``"256,1K,32Ki"`` -> ``[256, 1000, 32768]``.
+
+    The argparse type of every flag that lists lengths.
+
+    Raises:
+        argparse.ArgumentTypeError: a part that is no whole number, or one below `minimum`.
+    """
+    import argparse
+
+    try:
+        values = [parse_count(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 4096,8K, got {text!r}") from None
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"expected numbers of at least {minimum}, got {text!r}")
+    return values
+
+
+def parse_lengths(text: str) -> list[int]:
+    """Sequence lengths for evaluation flags: `parse_counts` of at least 2 tokens."""
+    return parse_counts(text, minimum=2)
 
 
 def parse_float(value: Any) -> float:

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 from linearard.errors import UserError
 from linearard.models.adapters import adapter_state_dict, merge_adapters
-from linearard.models.rope import SCALED_LAYER_TYPE, RopeScaling, legacy_rope_fields, scaled_config
+from linearard.models.rope import SCALED_LAYER_TYPE, RopeScaling, legacy_rope_fields, rotary_dim, scaled_config
 from linearard.outputs import check_output, clear_own, describe_os_error, mark
 
 ADAPTER_DIR = "adapter"
@@ -131,7 +131,7 @@ def exported_config(config: Any, scaling: RopeScaling) -> Any:
     per_type = all(isinstance(v, dict) for v in params.values())
     entry = params[SCALED_LAYER_TYPE] if per_type else params
     if entry.get("rope_type") == "dynamic":
-        dim = _rotary_dim(new, entry)
+        dim = rotary_dim(new, entry)
         factor = entry["factor"]
         # The base dynamic NTK uses at the target length (same expression as transformers').
         base = entry["rope_theta"] * (
@@ -245,11 +245,6 @@ def _add_legacy_rope(path: Path, config: Any) -> None:
         if data.get(key) is None:  # transformers 5 writes some 4.x names as null (Gemma 3's rope_local_base_freq)
             data[key] = value
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _rotary_dim(config: Any, params: dict[str, Any]) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return int(head_dim * params.get("partial_rotary_factor", 1.0))
 
 
 # -- command line ----------------------------------------------------------------------------------

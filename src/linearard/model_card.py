@@ -149,12 +149,13 @@ def _settings(config: Any, tokens_trained: int | None) -> list[str]:
     budget = f"{config.max_tokens:,} tokens"
     if tokens_trained is not None:
         budget += f" ({tokens_trained:,} trained)"
-    objective = " + ".join(_OBJECTIVES.get(part.strip(), part.strip()) for part in config.objective.split("+"))
+    spec = config.objective_spec()
+    objective = " + ".join(_OBJECTIVES.get(name, name) for name in spec.names)
     rows = [
-        ("objective", f"`{config.objective}`: {objective}"
+        ("objective", f"`{spec.name}`: {objective}"
          + "".join(f", {key} " + " ".join(f"{k}={v:g}" for k, v in value.items())
                    for key, value in (("relations", config.relations), ("weights", config.weights)) if value)
-         + (f", layers `{config.layers}`" if config.layers != "all" else "")),
+         + (f", layers `{config.layers}`" if config.layers is not None else "")),
         ("adapters", adapters),
         ("training data", data),
         ("blocks", f"{config.seq_len} tokens, batch {config.batch_size} x {config.grad_accum} accumulated"),

@@ -20,7 +20,7 @@ def parse(*argv):
 
 def test_defaults_are_the_issue_sweep():
     args = parse("kernel")
-    assert bench_kernel._int_list(args.lengths, "--lengths") == [1024, 4096, 8192, 16384, 32768]
+    assert args.lengths == [1024, 4096, 8192, 16384, 32768]
     assert bench_kernel._shapes(args.shapes) == [(32, 128), (9, 64)]
     assert args.dtype == "bfloat16" and args.batch == 1 and args.causal
     assert bench_kernel._impls(args.impls) == ["triton", "sdpa", "naive"]
@@ -31,15 +31,19 @@ def test_target_is_positional_and_checked():
         parse("everything")
 
 
+@pytest.mark.parametrize("value", ["0", "1x", ""])
+def test_bad_lengths_are_argparse_errors(value):
+    with pytest.raises(SystemExit):
+        parse("kernel", "--lengths", value)
+
+
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--lengths", "1k"), ("--lengths", "0"), ("--shapes", "32-128"), ("--impls", "cudnn")]
+    ("flag", "value", "check"), [("--shapes", "32-128", "_shapes"), ("--impls", "cudnn", "_impls")]
 )
-def test_bad_values_are_user_errors(flag, value):
+def test_bad_values_are_user_errors(flag, value, check):
     args = parse("kernel", flag, value)
     with pytest.raises(UserError, match=flag):
-        bench_kernel._int_list(args.lengths, "--lengths")
-        bench_kernel._shapes(args.shapes)
-        bench_kernel._impls(args.impls)
+        getattr(bench_kernel, check)(getattr(args, flag.removeprefix("--")))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")

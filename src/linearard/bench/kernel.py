@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from linearard.config import parse_counts
 from linearard.errors import UserError
 
 FIELDS = [
@@ -28,6 +29,7 @@ FIELDS = [
 def add_arguments(kernel: argparse.ArgumentParser) -> None:
     kernel.add_argument(
         "--lengths",
+        type=parse_counts,
         default="1024,4096,8192,16384,32768",
         help="comma-separated sequence lengths T (default: %(default)s)",
     )
@@ -64,7 +66,7 @@ def add_arguments(kernel: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     rows = benchmark_kernel(
-        lengths=_int_list(args.lengths, "--lengths"),
+        lengths=args.lengths,
         shapes=_shapes(args.shapes),
         impls=_impls(args.impls),
         batch=args.batch,
@@ -75,16 +77,6 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         print(f"wrote {write_rows(rows, args.output)}")
     return 0
-
-
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise UserError(f"{flag} must list positive integers, got {text!r}")
-    return values
 
 
 def _shapes(text: str) -> list[tuple[int, int]]:

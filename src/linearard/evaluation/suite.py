@@ -7,7 +7,6 @@ first) stays loaded; other spec models are loaded one at a time and released aft
 
 from __future__ import annotations
 
-import gc
 import platform
 import sys
 import time
@@ -37,6 +36,7 @@ from linearard.evaluation.tasks import (
     is_short,
     resolve_tasks,
 )
+from linearard.models.load import free_memory
 
 # Short tasks whose scores are already relative to the reference: not part of recovery.
 _RELATIVE = ("agreement", "chat")
@@ -139,7 +139,7 @@ def evaluate(
         per_model[name] = run.model(name, arg, model, tok)
         if loaded:
             del model, tok
-            _free_memory()
+            free_memory()
 
     results = {
         "meta": _meta(cfg, task_list, ref_name, target, dtype, heldout, longs, time.time() - started),
@@ -337,12 +337,6 @@ def _data(name: str) -> dict[str, str]:
     from linearard import data
 
     return dict(getattr(data, name)())
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _meta(cfg: EvalSettings, tasks, reference, device: torch.device, dtype, heldout, longs, seconds) -> dict:

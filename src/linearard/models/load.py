@@ -10,13 +10,11 @@ Specs:
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import math
-import os
 import re
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import torch
 
 from linearard.cache import cache_dir
 from linearard.errors import UserError
+from linearard.files import staged_folder
 from linearard.models.rope import ROPE_TYPES, RopeScaling, scaled_config
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -113,19 +112,19 @@ def _embedded_folder(name: str) -> Path:
     if not gguf.exists():
         raise UserError(f"{requirement} is installed but {filename} is missing from it; reinstall it")
     model, tokenizer = _load_gguf(gguf, torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so an interrupted conversion never leaves a half cache.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():
-            raise
+    # an interrupted conversion never leaves a half cache
+    with staged_folder(target) as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
     return target
+
+
+def free_memory() -> None:
+    """Return the memory of models no longer referenced now (their objects reference each other, so
+    they wait for a garbage collection), on the GPU too."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _load_local(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:

@@ -180,7 +180,7 @@ def _scaled_params(params: dict[str, Any], config: Any, scaling: RopeScaling) ->
         }
     if kind == "abf":
         # NTK-aware base change: the lowest frequency slows by exactly `factor`.
-        dim = _rotary_dim(config, params)
+        dim = rotary_dim(config, params)
         return {**keep, "rope_type": "default", "rope_theta": theta * f ** (dim / (dim - 2))}
     raise UserError(f"unknown RoPE type {kind!r}")
 
@@ -189,7 +189,7 @@ def _ramp_factors(config: Any, params: dict[str, Any], factor: float, orig: int)
     """Per-frequency LongRoPE factors without a search: keep dimensions that turn many times within
     the native window (factor 1), interpolate those that turn less than once (factor `factor`), and
     ramp linearly between, as YaRN does."""
-    dim = _rotary_dim(config, params)
+    dim = rotary_dim(config, params)
     theta = params["rope_theta"]
     out = []
     for i in range(dim // 2):
@@ -200,7 +200,8 @@ def _ramp_factors(config: Any, params: dict[str, Any], factor: float, orig: int)
     return out
 
 
-def _rotary_dim(config: Any, params: dict[str, Any]) -> int:
+def rotary_dim(config: Any, params: dict[str, Any]) -> int:
+    """How many of a head's dimensions RoPE rotates (all but a ``partial_rotary_factor`` leaves out)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return int(head_dim * params.get("partial_rotary_factor", 1.0))
 

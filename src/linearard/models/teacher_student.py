@@ -7,11 +7,16 @@ Q/K/V are read where attention receives them, through transformers' attention in
 implementation registered under its own name hands the tensors to a callback and then delegates to
 the model's usual implementation (sdpa, eager, flash…). No per-architecture patches. The callback
 travels as a forward keyword argument, which gradient checkpointing replays on recomputation.
+
+The registration and the model config's attention setting last as long as the `TeacherStudent`: its
+`close()` (or the end of a ``with TeacherStudent(...)`` block) puts the model's own implementation
+back and takes the name out of transformers' registries once no other open pair uses it.
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -101,12 +106,33 @@ def compile_layers(ts: TeacherStudent, backend: str = "inductor") -> None:
         layer.compile(dynamic=False, backend=backend)
 
 
+# Open TeacherStudent pairs per registered name: the last one to close takes the name out.
+_OPEN: dict[str, int] = {}
+
+
 def _register(inner: str) -> str:
+    """Register the capturing implementation over `inner` and return its name. Class-wide: transformers
+    builds masks (sliding windows…) only for names in the mask interface's class-wide mapping."""
     name = _PREFIX + inner
-    if name not in ALL_ATTENTION_FUNCTIONS:
+    if not _OPEN.get(name):
         AttentionInterface.register(name, _capturing_attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    _OPEN[name] = _OPEN.get(name, 0) + 1
     return name
+
+
+def _unregister(name: str) -> None:
+    _OPEN[name] -= 1
+    if not _OPEN[name]:
+        del _OPEN[name]
+        # the interfaces have no way to unregister; their class-wide mapping is where register() wrote
+        del AttentionInterface._global_mapping[name]
+        del AttentionMaskInterface._global_mapping[name]
+
+
+def _restore_attention(config: Any, own: str, registered: str) -> None:
+    config._attn_implementation = own
+    _unregister(registered)
 
 
 class StudentRope(nn.Module):
@@ -152,10 +178,13 @@ class TeacherStudent:
         model: a transformers causal LM, usually with adapters (`linearard.models.adapters`).
         scaling: the student's RoPE scaling.
 
+    The pair changes the model's attention setting and registers an attention implementation with
+    transformers until `close()`; use it as a context manager to have that undone for you.
+
     Example:
-        >>> ts = TeacherStudent(model, RopeScaling.resolve(model.config, "linear", 4.0))  # doctest: +SKIP
-        >>> with torch.no_grad(), ts.teacher(), ts.capture(lambda i, a: ...):  # doctest: +SKIP
-        ...     model(input_ids)
+        >>> with TeacherStudent(model, RopeScaling.resolve(model.config, "linear", 4.0)) as ts:  # doctest: +SKIP
+        ...     with torch.no_grad(), ts.teacher(), ts.capture(lambda i, a: ...):
+        ...         model(input_ids)
     """
 
     def __init__(self, model: nn.Module, scaling: RopeScaling):
@@ -167,10 +196,28 @@ class TeacherStudent:
         self.student_config = scaled_config(self.decoder.config, scaling)
         self.student_rope = StudentRope(self.native_rope, self.student_config, scaling)
         self._callback = _Capture()
-        # Installed for good, not per capture: gradient checkpointing recomputes layers during backward,
-        # after the capture block has closed, and must reach it again. Without a callback it only delegates.
+        # Installed for the pair's lifetime, not per capture: gradient checkpointing recomputes layers
+        # during backward, after the capture block has closed, and must reach it again. Without a
+        # callback it only delegates.
         config = self.decoder.config
-        config._attn_implementation = _register(config._attn_implementation.removeprefix(_PREFIX))
+        self._own_attention = config._attn_implementation
+        if self._own_attention.startswith(_PREFIX):
+            raise UserError("this model already has an open TeacherStudent; close that one first")
+        attention = _register(self._own_attention)
+        config._attn_implementation = attention
+        # also undone when the pair is garbage-collected unclosed
+        self._undo = weakref.finalize(self, _restore_attention, config, self._own_attention, attention)
+
+    def close(self) -> None:
+        """Give the model its own attention implementation back and unregister the capturing one (once
+        no other pair uses it). Safe to call twice; the pair captures nothing afterwards."""
+        self._undo()
+
+    def __enter__(self) -> TeacherStudent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def config(self) -> Any:

@@ -1,5 +1,6 @@
 """Training objectives: each consumes a `Batch` and a `TeacherStudent` and returns a scalar loss plus
-float metrics; `build_objective` makes weighted combinations.
+float metrics; `ObjectiveSpec` is an objective as validated data (terms, weights, options) that
+says what it reads and trains, and `build_objective` makes weighted combinations from one.
 
 ========== ======================================================================== ===============
 name       loss                                                                     forwards
@@ -13,16 +14,17 @@ attention  KL of the attention-map rows softmax(Q·Kᵀ·scale)                 
 
 Example:
     >>> from linearard.objectives import build_objective
-    >>> objective = build_objective("ard+cpt", weights={"cpt": 0.5})
+    >>> objective = build_objective("ard+cpt", weights={"cpt": 0.5}, relations={"q": 1, "k": 1})
     >>> loss, metrics = objective(ts, {"input_ids": ids, "attention_mask": mask})  # doctest: +SKIP
     >>> loss.backward()  # doctest: +SKIP
 """
 
 from linearard.objectives.attention import AttentionDistillation, RelationDistillation
 from linearard.objectives.base import Batch, Objective, Step, run_steps, select_layers
-from linearard.objectives.combine import DEFAULT_OBJECTIVE, OBJECTIVES, WeightedSum, build_objective
+from linearard.objectives.combine import WeightedSum, build_objective
 from linearard.objectives.hidden import HiddenDistillation
 from linearard.objectives.language import LogitDistillation, NextToken
+from linearard.objectives.spec import DEFAULT_OBJECTIVE, OBJECTIVES, ObjectiveSpec, Reads, Term
 
 __all__ = [
     "DEFAULT_OBJECTIVE",
@@ -33,8 +35,11 @@ __all__ = [
     "LogitDistillation",
     "NextToken",
     "Objective",
+    "ObjectiveSpec",
+    "Reads",
     "RelationDistillation",
     "Step",
+    "Term",
     "WeightedSum",
     "build_objective",
     "run_steps",

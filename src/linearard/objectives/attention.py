@@ -32,6 +32,7 @@ from linearard.ops import attention_kl, relation_kl
 
 if TYPE_CHECKING:
     from linearard.models.teacher_student import AttentionInputs, TeacherStudent
+    from linearard.objectives.spec import Reads
 
 RELATIONS = ("q", "k", "v")
 _TENSOR = {"q": "query", "k": "key", "v": "value"}
@@ -100,6 +101,18 @@ class RelationDistillation(Objective):
         self.scale = _check_scale(scale)
         self.kv_norm = _check_choice("kv_norm", kv_norm, KV_NORMS)
         self.layer_reduction = _check_choice("layer_reduction", layer_reduction, LAYER_REDUCTIONS)
+
+    def reads(self, num_layers: int) -> Reads:
+        from linearard.objectives.spec import Reads
+
+        tensors = frozenset(_TENSOR[r] for r in self.relations)
+        return Reads(teacher=True, attention=dict.fromkeys(select_layers(self.layers, num_layers), tensors))
+
+    def memory(self, shape: Any, tokens: int, act_bytes: int) -> dict[str, int]:
+        widths = {"q": shape.num_heads, "k": shape.num_kv_heads, "v": shape.num_kv_heads}
+        width = sum(widths[r] for r in self.relations) * shape.head_dim
+        layers = len(select_layers(self.layers, shape.num_layers))
+        return {"teacher Q/K/V (ard, distilled layers)": tokens * act_bytes * layers * width}
 
     def start(self, ts: TeacherStudent, batch: Batch) -> Step:
         mask = attention_mask(batch)
@@ -173,6 +186,17 @@ class AttentionDistillation(Objective):
         self.layers = layers
         self.scale = _check_scale(scale)
         self.layer_reduction = _check_choice("layer_reduction", layer_reduction, LAYER_REDUCTIONS)
+
+    def reads(self, num_layers: int) -> Reads:
+        from linearard.objectives.spec import Reads
+
+        tensors = frozenset({"query", "key"})
+        return Reads(teacher=True, attention=dict.fromkeys(select_layers(self.layers, num_layers), tensors))
+
+    def memory(self, shape: Any, tokens: int, act_bytes: int) -> dict[str, int]:
+        width = (shape.num_heads + shape.num_kv_heads) * shape.head_dim
+        layers = len(select_layers(self.layers, shape.num_layers))
+        return {"teacher Q/K (attention, distilled layers)": tokens * act_bytes * layers * width}
 
     def start(self, ts: TeacherStudent, batch: Batch) -> Step:
         mask = attention_mask(batch)

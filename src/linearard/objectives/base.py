@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, ClassVar, TypedDict
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import torch
 from typing_extensions import NotRequired
@@ -22,6 +22,7 @@ from linearard.errors import UserError
 
 if TYPE_CHECKING:
     from linearard.models.teacher_student import AttentionInputs, TeacherStudent
+    from linearard.objectives.spec import Reads
 
 
 class Batch(TypedDict):
@@ -81,6 +82,15 @@ class Objective:
 
     def start(self, ts: TeacherStudent, batch: Batch) -> Step:
         raise NotImplementedError
+
+    def reads(self, num_layers: int) -> Reads:
+        """What its steps read of the two forwards on a model of `num_layers` decoder layers."""
+        raise NotImplementedError
+
+    def memory(self, shape: Any, tokens: int, act_bytes: int) -> dict[str, int]:
+        """Bytes its step keeps for one micro-batch of `tokens` tokens beyond the student's own
+        activations, by part; `shape` is a `linearard.training.plan.ModelShape`."""
+        return {}
 
     def __call__(self, ts: TeacherStudent, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         loss, metrics = self.run(ts, batch)
@@ -147,7 +157,7 @@ def select_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
             return list(range(num_layers))
         if spec == "every-other":
             return list(range(0, num_layers, 2))
-        spec = _parse_indices(spec)
+        spec = parse_indices(spec, what="layers")
     chosen = set()
     for index in spec:
         resolved = index + num_layers if index < 0 else index
@@ -159,7 +169,12 @@ def select_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
     return sorted(chosen)
 
 
-def _parse_indices(text: str) -> list[int]:
+def parse_indices(text: str, what: str = "indices") -> list[int]:
+    """Comma-separated integers and inclusive ranges: ``"0-2,5,-1"`` -> ``[0, 1, 2, 5, -1]``.
+
+    Raises:
+        UserError: a part that is neither, naming `what` was being read.
+    """
     indices = []
     for part in text.split(","):
         part = part.strip()
@@ -168,7 +183,8 @@ def _parse_indices(text: str) -> list[int]:
             indices.extend(range(int(match[1]), int(match[2]) + 1) if match else [int(part)])
         except ValueError:
             raise UserError(
-                f"layers must be 'all', 'every-other' or indices and ranges such as '0-11,15'; got {text!r}"
+                f"{what} must be 'all', 'every-other' or indices and ranges such as '0-11,15'; got {text!r}"
+                if what == "layers" else f"{what} must be integers such as '256,1024'; got {text!r}"
             ) from None
     return indices
 

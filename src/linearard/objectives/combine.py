@@ -1,28 +1,18 @@
-"""Weighted sums of objectives, and building one from a spec such as ``"ard+cpt"``."""
+"""Weighted sums of objectives; `build_objective` makes one from ``"ard+cpt"`` and its settings."""
 
 from __future__ import annotations
 
-import inspect
-import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from linearard.errors import UserError
-from linearard.objectives.attention import RELATIONS, AttentionDistillation, RelationDistillation
 from linearard.objectives.base import Batch, Metrics, Objective, metrics_to_floats, run_steps
-from linearard.objectives.hidden import HiddenDistillation
-from linearard.objectives.language import LogitDistillation, NextToken
+from linearard.objectives.spec import DEFAULT_OBJECTIVE, ObjectiveSpec
 
 if TYPE_CHECKING:
     from linearard.models.teacher_student import TeacherStudent
-
-OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls
-    for cls in (RelationDistillation, NextToken, LogitDistillation, HiddenDistillation, AttentionDistillation)
-}
-DEFAULT_OBJECTIVE = "ard"
 
 
 class WeightedSum:
@@ -32,8 +22,7 @@ class WeightedSum:
     part's metrics prefixed with its name (``ard/loss``, ``ard/qq``, ``cpt/ppl``, …).
 
     Example:
-        >>> parts = [(1.0, RelationDistillation()), (0.1, LogitDistillation())]
-        >>> objective = WeightedSum(parts)
+        >>> objective = WeightedSum([(1.0, RelationDistillation()), (0.1, LogitDistillation())])  # doctest: +SKIP
         >>> loss, metrics = objective(ts, batch)  # doctest: +SKIP
     """
 
@@ -63,55 +52,29 @@ class WeightedSum:
 
 
 def build_objective(
-    spec: str = DEFAULT_OBJECTIVE,
+    objective: str | ObjectiveSpec = DEFAULT_OBJECTIVE,
     weights: Mapping[str, float] | None = None,
-    **options: Any,
+    *,
+    relations: Mapping[str, float] | Sequence[str] | None = None,
+    layers: str | int | Sequence[int] | None = None,
+    **options: Mapping[str, Any],
 ) -> WeightedSum:
-    """Build the training objective named by `spec`.
+    """The training objective: ``ObjectiveSpec.parse(...).build()`` (see `ObjectiveSpec.parse`).
 
     Args:
-        spec: objective names joined by ``+``, from ``OBJECTIVES``: ``ard`` (default), ``cpt``,
-            ``logits``, ``hidden``, ``attention``; e.g. ``"ard+cpt"``.
-        weights: weight per objective name (default 1 each; 0 switches a part off) and, for ``ard``,
-            per relation ``q``, ``k``, ``v`` (default 1 each).
-        **options: constructor arguments, either per objective (``ard={"scale": "attention"}``), or
-            shared (``layers="0-11"``): given to every objective of the spec that takes them, and
-            ignored by the others (``layers`` means nothing to ``cpt``). Per-objective options win.
+        objective: objective names joined by ``+`` (``ard``, ``cpt``, ``logits``, ``hidden``,
+            ``attention``), or a spec.
+        weights: weight per objective name (default 1 each; 0 switches a term off).
+        relations: the relations ``ard`` distils, with weights (default q, k and v, weight 1).
+        layers: the decoder layers of ``ard``, ``attention`` and ``hidden``.
+        **options: further options per objective, e.g. ``ard={"scale": "attention"}``.
 
     Example:
-        >>> objective = build_objective("ard+logits", weights={"logits": 0.5, "v": 0}, layers="every-other")
+        >>> objective = build_objective("ard+logits", {"logits": 0.5}, relations={"q": 1, "k": 1}, layers="every-other")
         >>> objective.name
         'ard+logits'
     """
-    names = [part.strip() for part in spec.split("+")]
-    unknown = [n for n in names if n not in OBJECTIVES]
-    if unknown:
-        raise UserError(f"unknown objective {unknown[0]!r} in {spec!r}; choose from {', '.join(OBJECTIVES)}")
-    weights = dict(weights or {})
-    for name, weight in weights.items():
-        if name not in names and not (name in RELATIONS and "ard" in names):
-            raise UserError(f"a weight is given for {name!r}, which is not a term of the objective {spec!r}")
-        if not (math.isfinite(weight) and weight >= 0):
-            raise UserError(f"the weight of {name!r} must be a finite number >= 0, got {weight}")
-    per_name = {n: dict(options.pop(n)) for n in names if n in options}
-    stray = [n for n in options if n in OBJECTIVES]
-    if stray:
-        raise UserError(f"options are given for {stray[0]!r}, which is not part of the objective {spec!r}")
-    for key, value in options.items():
-        known = [n for n in OBJECTIVES if key in inspect.signature(OBJECTIVES[n]).parameters]
-        if not known:
-            raise UserError(f"no objective has an option {key!r}")
-        for n in names:
-            if n in known:
-                per_name.setdefault(n, {}).setdefault(key, value)
-    relation_weights = {r: weights[r] for r in RELATIONS if r in weights}
-    if relation_weights:
-        per_name.setdefault("ard", {})["relations"] = {**dict.fromkeys(RELATIONS, 1.0), **relation_weights}
-    parts = []
-    for name in names:
-        try:
-            objective = OBJECTIVES[name](**per_name.get(name, {}))
-        except TypeError as error:
-            raise UserError(f"bad option for objective {name!r}: {error}") from None
-        parts.append((weights.get(name, 1.0), objective))
-    return WeightedSum(parts)
+    if isinstance(objective, ObjectiveSpec):
+        return objective.build()
+    spec = ObjectiveSpec.parse(objective, weights=weights, relations=relations, layers=layers, options=options)
+    return spec.build()

@@ -4,7 +4,7 @@ teacher's with a cosine loss, at a few depths of the model."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from linearard.objectives.base import (
 
 if TYPE_CHECKING:
     from linearard.models.teacher_student import TeacherStudent
+    from linearard.objectives.spec import Reads
 
 
 def spread_layers(num_layers: int, count: int = 4) -> list[int]:
@@ -54,10 +55,20 @@ class HiddenDistillation(Objective):
     def __init__(self, layers: str | Sequence[int] | None = None):
         self.layers = layers
 
+    def chosen(self, num_layers: int) -> list[int]:
+        return spread_layers(num_layers) if self.layers is None else select_layers(self.layers, num_layers)
+
     def start(self, ts: TeacherStudent, batch: Batch) -> Step:
-        n = ts.num_layers
-        layers = spread_layers(n) if self.layers is None else select_layers(self.layers, n)
-        return _HiddenStep(layers, attention_mask(batch).bool())
+        return _HiddenStep(self.chosen(ts.num_layers), attention_mask(batch).bool())
+
+    def reads(self, num_layers: int) -> Reads:
+        from linearard.objectives.spec import Reads
+
+        return Reads(teacher=True, hidden=frozenset(i + 1 for i in self.chosen(num_layers)))
+
+    def memory(self, shape: Any, tokens: int, act_bytes: int) -> dict[str, int]:
+        layers = len(self.chosen(shape.num_layers))
+        return {"teacher hidden states (hidden)": tokens * act_bytes * layers * shape.hidden_size}
 
 
 class _HiddenStep(Step):

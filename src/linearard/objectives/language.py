@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +22,28 @@ from linearard.objectives.base import Batch, HiddenStates, Metrics, Objective, S
 
 if TYPE_CHECKING:
     from linearard.models.teacher_student import TeacherStudent
+    from linearard.objectives.spec import Reads
 
-DEFAULT_CHUNK = 1024
+DEFAULT_CHUNK = 1024  # positions per LM-head chunk
 
 
-class NextToken(Objective):
+class _LanguageObjective(Objective):
+    """What the two objectives on the LM head's output share: its final hidden state, one chunk of logits."""
+
+    chunk_size: int
+    needs_teacher: bool
+
+    def reads(self, num_layers: int) -> Reads:
+        from linearard.objectives.spec import Reads
+
+        return Reads(teacher=self.needs_teacher, hidden=frozenset({num_layers}), logits=True)
+
+    def memory(self, shape: Any, tokens: int, act_bytes: int) -> dict[str, int]:
+        # a chunk's fp32 logits, their log-softmax and its gradient
+        return {"logits chunk (fp32)": 3 * min(self.chunk_size, tokens) * shape.vocab_size * 4}
+
+
+class NextToken(_LanguageObjective):
     """Next-token cross-entropy of the student alone (continual pre-training); no teacher forward.
 
     A position counts when both it and the token it predicts are real (pad positions are ignored);
@@ -42,6 +59,7 @@ class NextToken(Objective):
     """
 
     name = "cpt"
+    needs_teacher = False
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK):
         self.chunk_size = _check_chunk(chunk_size)
@@ -50,7 +68,7 @@ class NextToken(Objective):
         return _NextTokenStep(ts, batch, self.chunk_size)
 
 
-class LogitDistillation(Objective):
+class LogitDistillation(_LanguageObjective):
     """KL(teacher ‖ student) between the next-token distributions at every real position, averaged.
 
     With temperature τ both distributions are softmax(logits / τ) and the KL is multiplied by τ², which
@@ -67,6 +85,7 @@ class LogitDistillation(Objective):
     """
 
     name = "logits"
+    needs_teacher = True
 
     def __init__(self, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK):
         if not (math.isfinite(temperature) and temperature > 0):

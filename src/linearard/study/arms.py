@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from linearard.config import coerce, field_names, parse_count
+from linearard.config import PAPER_CPT_TOKENS, PAPER_TOKENS, coerce, field_names, parse_count
 from linearard.errors import UserError
 
 UNTRAINED = ("native", "scaled")
@@ -53,7 +53,7 @@ PRESETS = {
 }
 DEFAULT_ARMS = ",".join(PRESETS["default"])
 # The paper's two stages: 4.25M tokens = 2.25M of ARD + 2M of CPT (PAPER_NOTES: inferred, not stated).
-PAPER_CPT_SHARE = 2.0 / 4.25
+PAPER_CPT_SHARE = PAPER_CPT_TOKENS / PAPER_TOKENS
 # Settings the study fixes for every arm: one starting point, one RoPE, one run folder per arm.
 STUDY_SETTINGS = frozenset(
     {"model", "rope_type", "rope_factor", "target_length", "output", "resume", "dry_run", "export", "eval",
@@ -78,6 +78,7 @@ class Arm:
     name: str
     base: str
     objective: str | None = None  # what the first (or only) stage trains; None: no training
+    terms: tuple[str, ...] = ()  # the objectives of the first stage, in order
     cpt_stage: bool = False  # a second, next-token stage on long blocks
     budget: int | None = None  # tokens; None: --max-tokens (or a share of it)
     budget_share: float | None = None  # a fraction of --max-tokens
@@ -109,7 +110,7 @@ class Arm:
         return max_tokens
 
     def objectives(self) -> list[str]:
-        return self.objective.split("+") if self.objective else []
+        return list(self.terms)
 
 
 def slugify(name: str) -> str:
@@ -174,7 +175,8 @@ def parse_arm(text: str) -> Arm:
     if match["pre"] is not None and match["post"] is not None:
         raise UserError(f"arm {text!r} has two [...] groups; put every item in one")
     base = match["base"]
-    objective, cpt_stage = _parse_base(base, text)
+    terms, cpt_stage = _parse_base(base, text)
+    objective = "+".join(terms) if terms else None
     raw_items = match["pre"] if match["pre"] is not None else match["post"]
     items = [i.strip() for i in raw_items.split(",")] if raw_items is not None else []
     if any(not i for i in items):
@@ -183,7 +185,7 @@ def parse_arm(text: str) -> Arm:
         raise UserError(f"arm {base!r} trains nothing, so it takes no [...] items and no @budget")
 
     budget, share, budget_label = _parse_budget(match["budget"], text)
-    relations, layers, weights, settings, seeds = _parse_items(items, objective or "", text)
+    relations, layers, weights, settings, seeds = _parse_items(items, terms, text)
     pieces = [f"{r}" if w == 1.0 else f"{r}={w:g}" for r, w in relations]
     pieces += layers
     pieces += [f"{n}={w:g}" for n, w in weights]
@@ -193,6 +195,7 @@ def parse_arm(text: str) -> Arm:
         name=family + (f"@{budget_label}" if budget_label else ""),
         base=base,
         objective=objective,
+        terms=terms,
         cpt_stage=cpt_stage,
         budget=budget,
         budget_share=share,
@@ -205,11 +208,11 @@ def parse_arm(text: str) -> Arm:
     )
 
 
-def _parse_base(base: str, text: str) -> tuple[str | None, bool]:
+def _parse_base(base: str, text: str) -> tuple[tuple[str, ...], bool]:
     if base in UNTRAINED:
-        return None, False
+        return (), False
     if base == "cpt":
-        return "cpt", False
+        return ("cpt",), False
     names = base.split("+")
     cpt_stage = names[-1] == "cpt"
     first = names[:-1] if cpt_stage else names
@@ -220,7 +223,7 @@ def _parse_base(base: str, text: str) -> tuple[str | None, bool]:
             f"unknown arm {text!r} ({bad!r}): arms are native, scaled, cpt, or {', '.join(DISTILLATION)} "
             f"joined by '+' and optionally ending in '+cpt' (the second stage); presets: {', '.join(PRESETS)}"
         )
-    return "+".join(first), cpt_stage
+    return tuple(first), cpt_stage
 
 
 def _parse_budget(raw: str | None, text: str) -> tuple[int | None, float | None, str | None]:
@@ -244,8 +247,7 @@ def _parse_budget(raw: str | None, text: str) -> tuple[int | None, float | None,
     return tokens, None, format_tokens(tokens)
 
 
-def _parse_items(items: list[str], objective: str, text: str):
-    names = objective.split("+")
+def _parse_items(items: list[str], names: tuple[str, ...], text: str):
     relations: dict[str, float] = {}
     layers: list[str] = []
     weights: dict[str, float] = {}

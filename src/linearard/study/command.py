@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from linearard.config import ROPE_KEYS, build_config, load_yaml, parse_count
+from linearard.config import PAPER_TOKENS, ROPE_KEYS, build_config, load_yaml, parse_count, parse_lengths
 from linearard.errors import UserError
+from linearard.evaluation.settings import device_defaults
 from linearard.models.rope import ROPE_TYPES
 from linearard.study.arms import DEFAULT_ARMS, PAPER_CPT_SHARE, PRESETS, parse_arms
 
 if TYPE_CHECKING:  # the runner imports torch and the training loop: only when a study runs
     from linearard.study.runner import StudySettings
 
-PAPER_BUDGET = 4_250_000
 DEFAULT_ROPE = ("linear", 4.0)
 
 _PRESET_LINES = "\n                  ".join(f"{k} = {','.join(v)}" for k, v in PRESETS.items())
@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--arms", default=DEFAULT_ARMS, metavar="LIST",
                       help=f"arms and presets, comma-separated (default: {DEFAULT_ARMS}; see below)")
     what.add_argument("--max-tokens", type=_count, metavar="N",
-                      help=f"training tokens of an arm without its own @budget (default: {PAPER_BUDGET:,}, the "
+                      help=f"training tokens of an arm without its own @budget (default: {PAPER_TOKENS:,}, the "
                            "paper's budget, unless the config sets max_tokens)")
     what.add_argument("--seeds", type=_positive(int), default=1, metavar="N",
                       help="seeds of every trained arm (seed, seed+1, ...); the report gives mean ± spread "
@@ -114,11 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluation.add_argument("--tasks", default="all",
                             help="evaluation tasks or groups, as in `linearard eval` (default: all)")
     evaluation.add_argument("--limit", type=_count, metavar="N",
-                            help="items per benchmark, 0 = all (default: 100 on CPU, all on GPU)")
-    evaluation.add_argument("--lengths", type=_lengths, metavar="L1,L2",
-                            help="long-context lengths (default: 1024,2048 on CPU; 4096,...,32768 on GPU)")
+                            help=f"items per benchmark, 0 = all (default: {device_defaults('limit')})")
+    evaluation.add_argument("--lengths", type=parse_lengths, metavar="L1,L2",
+                            help=f"long-context lengths (default: {device_defaults('lengths')})")
     evaluation.add_argument("--eval-batch-size", type=_positive(int), metavar="N",
-                            help="sequences per forward pass on short tasks (default: 16)")
+                            help="sequences per forward pass on short tasks "
+                                 f"(default: {device_defaults('batch_size')})")
     evaluation.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
                             help="any evaluation setting (linearard.evaluation.EvalSettings), e.g. "
                                  "--eval-set samples=10 --eval-set ppl_lengths=256,1024 (repeatable)")
@@ -183,7 +184,7 @@ def settings_from_args(args: argparse.Namespace) -> StudySettings:
         flags["rope_type"] = args.rope_type or DEFAULT_ROPE[0]
         flags["rope_factor"] = args.rope_factor or DEFAULT_ROPE[1]
     if args.max_tokens is not None or "max_tokens" not in given:
-        flags["max_tokens"] = PAPER_BUDGET if args.max_tokens is None else args.max_tokens
+        flags["max_tokens"] = PAPER_TOKENS if args.max_tokens is None else args.max_tokens
     cpt_share = args.cpt_share
     if cpt_share is None:
         # A config that splits its budget into two stages (e.g. --config paper) sets the +cpt arms' split.
@@ -340,14 +341,6 @@ def _share(text: str) -> float:
     return value
 
 
-def _lengths(text: str) -> list[int]:
-    try:
-        values = [parse_count(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated lengths such as 4096,8K, got {text!r}") from None
-    if not values or min(values) < 2:
-        raise argparse.ArgumentTypeError(f"expected lengths of at least 2, got {text!r}")
-    return values
 
 
 def _rates(text: str) -> list[float]:

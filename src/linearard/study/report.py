@@ -381,15 +381,14 @@ def describe_arm(run: Run, study: Study) -> str:
     c = run.config
     stages = []
     for stage in run.stages:
-        what = "next-token loss" if stage.objective == "cpt" else f"{stage.objective} distillation"
+        what = "next-token loss" if stage.objective.name == "cpt" else f"{stage.objective.name} distillation"
         stages.append(f"{what} on {stage.seq_len}-token blocks for {format_tokens(stage.tokens)} tokens")
     extras = []
-    names = c.objective.split("+")
-    if "ard" in names:
-        rel = c.relations or {"q": 1.0, "k": 1.0, "v": 1.0}
+    ard = c.objective_spec().term("ard")
+    if ard is not None:
         extras.append("relations " + ", ".join(f"{r.upper()}/{r.upper()}" + ("" if w == 1 else f" ×{w:g}")
-                                                for r, w in rel.items() if w > 0))
-    if c.layers != "all" and set(names) & {"ard", "attention", "hidden"}:
+                                                for r, w in ard.options["relations"].items() if w > 0))
+    if c.layers is not None:
         extras.append(f"layers {c.layers}")
     if c.weights:
         extras.append("weights " + ", ".join(f"{k} {w:g}" for k, w in c.weights.items()))

@@ -35,11 +35,9 @@ are not recomputed for every arm.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +49,8 @@ import torch
 from linearard.config import RestoreConfig
 from linearard.errors import UserError
 from linearard.evaluation.settings import EvalSettings
+from linearard.files import write_atomic
+from linearard.models.load import free_memory
 from linearard.models.rope import RopeScaling
 from linearard.study.arms import Arm, format_tokens, slugify
 from linearard.training.loop import RESUMABLE_CHANGES
@@ -149,6 +149,7 @@ def arm_config(
     """
     budget = arm.tokens(base.max_tokens) if budget is None else budget
     names = arm.objectives()
+    # the base's objective settings that this arm's objectives take (a logits weight means nothing to ard)
     kept_weights = {k: w for k, w in base.weights.items() if k in names}
     values: dict[str, Any] = {
         "objective": arm.objective,
@@ -160,6 +161,9 @@ def arm_config(
         "target_length": scaling.target_length,
         "cpt_tokens": round(budget * cpt_share) if arm.cpt_stage else 0,
         "weights": {**kept_weights, **dict(arm.weights)},
+        "relations": base.relations if "ard" in names else {},
+        "layers": base.layers if {"ard", "attention", "hidden"} & set(names) else None,
+        "objective_options": {k: v for k, v in base.objective_options.items() if k in names},
         "export": True,
         "eval": False,  # the study evaluates every arm itself, with the same tasks
         "resume": False,
@@ -286,16 +290,10 @@ class Study:
         try:
             run.stages = plan_stages(config, self.scaling, None, world_size=1, device=resolve_device(config),
                                      bf16=False)
-            self._check_layers(config)
+            config.objective_spec().reads(self.num_layers)  # the layers exist in this model
         except UserError as err:
             raise UserError(f"arm {arm.name}{' (sweep)' if run.is_sweep else ''}: {err}") from None
         run.config = config
-
-    def _check_layers(self, config: RestoreConfig) -> None:
-        from linearard.objectives import select_layers
-
-        if config.layers != "all" and set(config.objective.split("+")) & {"ard", "attention", "hidden"}:
-            select_layers(config.layers, self.num_layers)
 
     def sweep_of(self, family: str) -> list[Run]:
         return [r for r in self.sweep_runs if r.arm.family == family]
@@ -454,7 +452,7 @@ class Study:
                 self.failures[run.label] = str(err)
             return False
         finally:
-            _free_memory()
+            free_memory()
 
     def _train(self, run: Run, *, resume: bool) -> None:
         from linearard.training.loop import restore
@@ -478,7 +476,7 @@ class Study:
             "gpus": 1 if cuda else 0,
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
             "stages": [
-                {"name": s.name, "objective": s.objective, "seq_len": s.seq_len, "steps": s.steps,
+                {"name": s.name, "objective": s.objective.name, "seq_len": s.seq_len, "steps": s.steps,
                  "tokens": s.tokens, "tokens_per_step": s.tokens_per_step}
                 for s in result.plan.stages
             ],
@@ -581,7 +579,7 @@ def describe_plan(study: Study, runs: list[Run]) -> str:
         state = study.status(run)
         if run.arm.trains:
             stages = " then ".join(
-                f"{st.objective}: {format_tokens(st.tokens)} tokens in {st.steps} steps of "
+                f"{st.objective.name}: {format_tokens(st.tokens)} tokens in {st.steps} steps of "
                 f"{st.tokens_per_step // st.seq_len} x {st.seq_len}" for st in run.stages
             )
             lr = "lr from the sweep" if run.pending else f"lr {run.config.lr:g}"
@@ -613,16 +611,7 @@ def read_json(path: Path) -> dict:
 
 def write_json(path: Path, data: Any) -> None:
     """Write `data` as JSON atomically (a crash never leaves half a file); non-finite floats -> null."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite(data), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
 
 
 def _finite(value: Any) -> Any:
@@ -641,9 +630,3 @@ def _device_name(device: torch.device) -> str:
     import platform
 
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

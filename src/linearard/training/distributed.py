@@ -116,24 +116,26 @@ def _check_available(strategy: str) -> None:
 
 
 class LossModule(nn.Module):
-    """``forward(*args)`` runs ``self.step(*args)`` inside this module's hooks, so DDP/FSDP can wrap it.
+    """``forward(fn, *args)`` returns ``fn(*args)`` run inside this module's hooks, so DDP/FSDP can wrap it.
 
-    ``step`` is the objective bound to its teacher/student pair (``step(batch) -> (loss, metrics)``)
-    during training; evaluation swaps in another function so that an FSDP root still gathers its
-    weights around it.
+    The loop passes the objective's step (``fn(batch) -> (loss, metrics)``) to train, and evaluation
+    functions to evaluate: every call goes through the wrapper, so an FSDP root gathers its weights
+    around it whatever runs.
 
     Args:
         model: the model with adapters (registered here so its parameters belong to this module).
-        step: the function to run.
+
+    Example:
+        >>> wrapped = wrap(LossModule(model), ctx, layers, bf16=False)  # doctest: +SKIP
+        >>> loss, metrics = wrapped(step, batch)  # doctest: +SKIP
     """
 
-    def __init__(self, model: nn.Module, step: Callable[..., Any]):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.step = step
 
-    def forward(self, *args: Any) -> Any:
-        return self.step(*args)
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
 
 
 def wrap(
@@ -150,7 +152,8 @@ def wrap(
         module: the objective as a module.
         decoder_layers: the model's decoder layers (FSDP shards each on its own).
         bf16: FSDP gathers the weights in bf16 and reduces gradients in fp32.
-        find_unused: DDP looks for adapters without a gradient each step (needed when some have none).
+        find_unused: DDP looks for adapters without a gradient each step (needed when the objective
+            cannot reach some of them: `linearard.objectives.ObjectiveSpec.reaches`).
     """
     if ctx.strategy == "ddp":
         import inspect
@@ -247,15 +250,6 @@ def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     out: list[Any] = [None] * ctx.world_size if ctx.is_main else []
     dist.gather_object(obj, out if ctx.is_main else None, dst=0)
     return out
-
-
-def broadcast_object(obj: Any, ctx: DistContext) -> Any:
-    """The main process's `obj` on every process."""
-    if not ctx.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def barrier(ctx: DistContext) -> None:

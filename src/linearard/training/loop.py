@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from linearard.config import RestoreConfig, build_config
-from linearard.data import TokenBlocks, corpus_files, default_corpus_files, estimate_corpus_tokens
+from linearard.data import TokenBlocks, estimate_corpus_tokens, training_files
 from linearard.data.documents import check_text_encoding
 from linearard.errors import Interrupted, UserError
 from linearard.export import check_exportable
@@ -41,7 +41,6 @@ from linearard.models.adapters import adapter_subset, add_adapters, trainable_pa
 from linearard.models.compat import enable_activation_checkpointing
 from linearard.models.load import load_model
 from linearard.models.teacher_student import TeacherStudent, compile_layers
-from linearard.objectives import build_objective
 from linearard.outputs import check_output, clear_own, describe_os_error, mark, written_by
 from linearard.training import distributed as dist_utils
 from linearard.training.batches import MicroBatches
@@ -76,6 +75,7 @@ RESUMABLE_CHANGES = frozenset(
     {"resume", "overwrite", "dry_run", "output", "save_every", "keep_checkpoints", "log_every", "eval",
      "eval_tokens", "eval_seq_len", "export", "device", "strategy"}
 )
+OBJECTIVE_FILE = "objective.yaml"  # each stage's resolved objective, beside config.yaml
 _AGREEMENT_BATCH = 4  # windows per forward pass of the end-of-run agreement
 OOM_HINT = "lower --seq-len or --batch-size (raise --grad-accum to keep the step size), or add --gradient-checkpointing"
 
@@ -116,8 +116,9 @@ def restore(config: RestoreConfig, *, log: Callable[[str], None] = print) -> Res
     """
     config.validate()
     ctx = dist_utils.setup(config.strategy, config.device)
+    run = _Run(config, ctx, log if ctx.is_main else _silent)
     try:
-        return _Run(config, ctx, log if ctx.is_main else _silent).run()
+        return run.run()
     except torch.OutOfMemoryError:
         raise UserError(f"out of memory: {OOM_HINT}") from None
     except RuntimeError as err:
@@ -125,6 +126,7 @@ def restore(config: RestoreConfig, *, log: Callable[[str], None] = print) -> Res
             raise UserError(f"out of memory: {OOM_HINT}") from None
         raise
     finally:
+        run.close()
         dist_utils.teardown(ctx)
         gc.collect()  # the run's objects reference each other; free the model now, not at some later gc
 
@@ -140,6 +142,12 @@ class _Run:
         self.log = log
         self.output = Path(config.output)
         self.bf16 = config.precision == "bf16" or (config.precision == "auto" and ctx.device.type == "cuda")
+        self.ts: TeacherStudent | None = None
+
+    def close(self) -> None:
+        """Undo what the teacher/student pair changed in the model and in transformers."""
+        if self.ts is not None:
+            self.ts.close()
 
     # -- set-up -------------------------------------------------------------------------------------
 
@@ -153,18 +161,15 @@ class _Run:
         self.log(plan.describe())
         if ctx.is_main:
             self._make_output(resumed=resume_from is not None)
+            _save_objectives(self.output / OBJECTIVE_FILE, plan.stages)
 
-        self.runner = dist_utils.LossModule(self.model, self._objective_step)
         self.wrapped = dist_utils.wrap(
-            self.runner,
+            dist_utils.LossModule(self.model),
             ctx,
             list(self.ts.decoder.layers),
             bf16=self.bf16,
-            find_unused=_some_adapter_may_get_no_gradient(config),
+            find_unused=any(self._unreached(stage) for stage in plan.stages),
         )
-        self.gather_for_backward = [
-            self.ts.decoder.layers[i] for i in _layers_trained_through_captures(config, self.ts.num_layers)
-        ]
         checkpoint = read_checkpoint(resume_from, rank=ctx.rank, world_size=ctx.world_size) if resume_from else None
         self.trainer = checkpoint.trainer if checkpoint else TrainerState(world_size=ctx.world_size)
         if checkpoint:
@@ -272,7 +277,9 @@ class _Run:
         self.ts = TeacherStudent(model, self.scaling)
         if self._compiles():
             compile_layers(self.ts)
-        self.files = _corpus(config)
+        self.files = training_files(config.data)
+        if config.data:
+            check_text_encoding(self.files)
         shape = ModelShape.of(model, self.ts.config)
         self.stages = plan_stages(
             config, self.scaling, shape, world_size=ctx.world_size, device=str(ctx.device), bf16=self.bf16
@@ -294,8 +301,13 @@ class _Run:
 
     def _train_stage(self, index: int, stage: Stage, checkpoint: Any) -> dict[str, float]:
         config, ctx = self.config, self.ctx
-        self.objective = _stage_objective(config, stage)
-        params = trainable_parameters(self.model)
+        self.objective = stage.objective.build()
+        # What the stage's objective cannot reach gets no gradient: it stays out of the optimizer, and
+        # FSDP gathers before backward the layers it trains only through the Q/K/V their attention handed over.
+        unreached = set(self._unreached(stage))
+        params = [p for name, p in self.model.named_parameters() if p.requires_grad and name not in unreached]
+        reads = stage.objective.reads(self.ts.num_layers)
+        gather = [self.ts.decoder.layers[i] for i in sorted(reads.attention) if i >= reads.depth(self.ts.num_layers)]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         scheduler = warmup_cosine(
             optimizer, warmup_steps=config.warmup_steps, total_steps=stage.steps, min_ratio=config.min_lr_ratio
@@ -318,8 +330,8 @@ class _Run:
                     batch = next(batches)
                     sync = micro == stage.grad_accum - 1
                     with dist_utils.gradient_sync(self.wrapped, ctx, sync), self._autocast():
-                        loss, metrics = self.wrapped(batch)
-                        dist_utils.gather_for_backward(ctx, self.gather_for_backward)
+                        loss, metrics = self.wrapped(self._objective_step, batch)
+                        dist_utils.gather_for_backward(ctx, gather)
                         (loss / stage.grad_accum).backward()
                     for key, value in metrics.items():
                         part = value.detach().float() / stage.grad_accum
@@ -353,6 +365,12 @@ class _Run:
 
     def _objective_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.objective.run(self.ts, batch)
+
+    def _unreached(self, stage: Stage) -> list[str]:
+        """Trainable parameters that the stage's objective cannot give a gradient."""
+        n = self.ts.num_layers
+        reads = stage.objective.reads(n)
+        return [name for name, p in self.model.named_parameters() if p.requires_grad and not reads.reaches(name, n)]
 
     def _blocks(self, stage: Stage) -> TokenBlocks:
         return TokenBlocks(
@@ -455,12 +473,12 @@ class _Run:
         texts = {name: text[: per_text * 16] for name, text in texts.items()}
         students = {"scaled student": self._untrained, "restored student": self.ts.student}
 
-        def measure() -> tuple[torch.Tensor, dict[str, float]]:
+        def measure() -> dict[str, float]:
             result = perplexity(self.model, self.tokenizer, texts, lengths=[length], max_tokens=per_text)
             value = result["metrics"][f"all@{length}"]["value"]
-            return torch.zeros(()), {"ppl": float("nan") if value is None else value}
+            return {"ppl": float("nan") if value is None else value}
 
-        def agree() -> tuple[torch.Tensor, dict[str, Any]]:
+        def agree() -> dict[str, dict[str, float]]:
             # One batch at a time under the teacher, then under each student: the teacher's logits of the
             # whole text would not fit in memory for a large vocabulary.
             windows = agreement_windows(self.tokenizer, texts, length=length, max_tokens=per_text)
@@ -474,20 +492,17 @@ class _Run:
                     with view():
                         tallies[role].add(reference, forward(self.model, ids, mask)[0], batch)
             cells = {role: tally.result()["metrics"] for role, tally in tallies.items()}
-            return torch.zeros(()), {role: {k: c["value"] for k, c in m.items()} for role, m in cells.items()}
+            return {role: {k: c["value"] for k, c in m.items()} for role, m in cells.items()}
 
         values: dict[str, float] = {}
         self.model.eval()
         try:
-            self.runner.step = measure
             for role, view in self._roles().items():
                 with torch.no_grad(), view, self._autocast():
-                    values[role] = self.wrapped()[1]["ppl"]
-            self.runner.step = agree
+                    values[role] = self.wrapped(measure)["ppl"]
             with torch.no_grad(), self._autocast():
-                agreement = self.wrapped()[1]
+                agreement = self.wrapped(agree)
         finally:
-            self.runner.step = self._objective_step
             self.model.train()
         rope = f"{self.scaling.rope_type} x{self.scaling.factor:g}"
         self.log(_perplexity_report(values, rope, length, per_text * len(texts), agreement))
@@ -545,53 +560,11 @@ def check_run_folder(config: RestoreConfig) -> None:
         )
 
 
-def _stage_objective(config: RestoreConfig, stage: Stage) -> Any:
-    if stage.name == "cpt":
-        return build_objective("cpt")
-    names = [n.strip() for n in config.objective.split("+")]
-    options: dict[str, dict[str, Any]] = {}
-    for name in names:
-        opts = dict(config.objective_options.get(name, {}))
-        if name in ("ard", "attention") and config.layers != "all":
-            opts.setdefault("layers", config.layers)
-        if name == "hidden" and config.layers != "all":
-            opts.setdefault("layers", config.layers)
-        if name == "ard" and config.relations:
-            opts.setdefault("relations", config.relations)
-        if opts:
-            options[name] = opts
-    stray = [n for n in config.objective_options if n not in names]
-    if stray:
-        raise UserError(f"--objective-option given for {stray[0]!r}, which is not in --objective {config.objective}")
-    return build_objective(config.objective, weights=config.weights, **options)
+def _save_objectives(path: Path, stages: list[Stage]) -> None:
+    """Each stage's objective spec, as the run resolved it (for the record; the config rebuilds it)."""
+    import yaml
 
-
-def _some_adapter_may_get_no_gradient(config: RestoreConfig) -> bool:
-    """Whether some trainable parameter can end a step without a gradient (DDP must then search).
-
-    Relation distillation over all layers with the V/V relation reaches every q/k/v adapter (the
-    deepest layer's through its own relations); next-token and logit objectives reach every layer
-    through the output. Anything else (a layer subset, hidden or attention-map distillation, no V/V,
-    adapters on the MLPs) may leave some without one.
-    """
-    parts = {n.strip() for n in config.objective.split("+")}
-    relations = config.relations or {"v": 1.0}
-    return (
-        config.adapter == "full"
-        or config.layers != "all"
-        or not parts <= {"ard", "cpt", "logits"}
-        or ("ard" in parts and not relations.get("v"))
-    )
-
-
-def _layers_trained_through_captures(config: RestoreConfig, num_layers: int) -> frozenset[int]:
-    """The deepest layer distilled by a capturing objective: its output takes no part in the loss."""
-    from linearard.objectives import select_layers
-
-    parts = {n.strip() for n in config.objective.split("+")}
-    if not parts & {"ard", "attention"}:
-        return frozenset()
-    return frozenset({select_layers(config.layers, num_layers)[-1]})
+    path.write_text(yaml.safe_dump({stage.name: stage.objective.to_dict() for stage in stages}, sort_keys=False))
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -648,14 +621,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _corpus(config: RestoreConfig) -> list[Path]:
-    if not config.data:
-        return default_corpus_files()
-    files = corpus_files(config.data)
-    check_text_encoding(files)
-    return files
 
 
 def _adds_bos(tokenizer: Any) -> bool:

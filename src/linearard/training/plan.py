@@ -8,9 +8,11 @@ The memory estimate is arithmetic on the model's shape, not a measurement. Per p
 - the student forward's saved activations for one micro-batch: per layer and token about
   ``6·hidden + 3·(q + 2·kv widths) + 4·intermediate`` values without gradient checkpointing (sdpa-style
   attention, no T×T map), or one layer input per layer plus one recomputed layer with it;
-- for relation/attention distillation, the teacher's captured Q/K/V of every distilled layer, kept until
-  the backward pass (checkpointing recomputes the student layers, which need them again);
-- for next-token objectives, one chunk of fp32 logits (the objectives apply the LM head in chunks).
+- what the objective's terms keep between the forwards, as its `ObjectiveSpec` counts it: the teacher's
+  captured Q/K/V of every distilled layer (relation/attention distillation, kept until the backward
+  pass: checkpointing recomputes the student layers, which need them again), the teacher's hidden
+  states (hidden-state distillation), one chunk of fp32 logits (next-token and logit objectives apply
+  the LM head in chunks).
 """
 
 from __future__ import annotations
@@ -27,13 +29,10 @@ import torch
 from linearard.config import RestoreConfig
 from linearard.errors import UserError
 from linearard.models.rope import RopeScaling
+from linearard.objectives.spec import ObjectiveSpec
 
 DEMO_ROPE = ("linear", 4.0)
-# Objectives that capture the teacher's Q/K/V for every distilled layer.
-_CAPTURING = ("ard", "attention")
-_LOGITS = ("cpt", "logits")
-_LOGIT_CHUNK = 1024  # positions per LM-head chunk in linearard.objectives.language
-# The default optimizer step on a GPU, about the paper's (4.25M tokens in 144 steps).
+# The default optimizer step on a GPU: the paper's 4.25M tokens in 129 steps.
 GPU_TOKENS_PER_STEP = 32768
 
 
@@ -42,7 +41,7 @@ class Stage:
     """One training stage: an objective on blocks of one length for a number of optimizer steps."""
 
     name: str
-    objective: str
+    objective: ObjectiveSpec
     seq_len: int
     steps: int
     tokens_per_step: int
@@ -142,7 +141,7 @@ class Plan:
         ]
         for i, st in enumerate(self.stages, 1):
             lines.append(
-                f"    {i}. {st.name:<8} {st.objective:<10} blocks of {st.seq_len} tokens, {st.steps} steps x "
+                f"    {i}. {st.name:<8} {st.objective.name:<10} blocks of {st.seq_len} tokens, {st.steps} steps x "
                 f"{st.tokens_per_step} tokens = {_count(st.tokens)} tokens "
                 f"({st.batch_size} block(s) per micro-batch x {st.grad_accum} per step"
                 + (f" x {self.world_size} processes)" if self.world_size > 1 else ")")
@@ -190,7 +189,7 @@ def plan_stages(
             batch settings that contradict ``tokens_per_step``.
     """
     _check_length("--seq-len", config.seq_len, scaling)
-    distils = any(name.strip() != "cpt" for name in config.objective.split("+"))
+    distils = any(term.name != "cpt" for term in config.objective_spec().active)  # reads the teacher
     if distils and config.seq_len > scaling.original_length:
         raise UserError(
             f"--seq-len {config.seq_len} is above the model's native context of {scaling.original_length} tokens: "
@@ -198,14 +197,14 @@ def plan_stages(
             "(long blocks belong to the next-token stage: --cpt-tokens, --cpt-seq-len)"
         )
     step_tokens = tokens_per_step(config, world_size, device)
-    lengths = [("restore", config.objective, config.seq_len, config.max_tokens - config.cpt_tokens)]
+    lengths = [("restore", config.objective_spec(), config.seq_len, config.max_tokens - config.cpt_tokens)]
     if config.cpt_tokens:
         cpt_len = config.cpt_seq_len or scaling.target_length
         _check_length("--cpt-seq-len", cpt_len, scaling)
-        lengths.append(("cpt", "cpt", cpt_len, config.cpt_tokens))
+        lengths.append(("cpt", ObjectiveSpec.single("cpt"), cpt_len, config.cpt_tokens))
     stages = []
     for name, objective, seq_len, budget in lengths:
-        def fits(batch: int, objective: str = objective, seq_len: int = seq_len) -> bool:
+        def fits(batch: int, objective: ObjectiveSpec = objective, seq_len: int = seq_len) -> bool:
             if shape is None:
                 return True
             parts = _stage_memory(config, shape, objective, seq_len, batch, bf16)
@@ -262,7 +261,7 @@ def _memory_budget(device: str) -> int:
 
 
 def _stage(
-    name: str, objective: str, seq_len: int, budget: int, batch: int, accum: int, world_size: int
+    name: str, objective: ObjectiveSpec, seq_len: int, budget: int, batch: int, accum: int, world_size: int
 ) -> Stage:
     per_step = seq_len * batch * accum * world_size
     steps = budget // per_step
@@ -312,7 +311,7 @@ def _fixed_memory(config: RestoreConfig, shape: ModelShape, world_size: int) -> 
 
 
 def _stage_memory(
-    config: RestoreConfig, shape: ModelShape, objective: str, seq_len: int, batch: int, bf16: bool
+    config: RestoreConfig, shape: ModelShape, objective: ObjectiveSpec, seq_len: int, batch: int, bf16: bool
 ) -> dict[str, int]:
     """Bytes of one micro-batch of `batch` blocks of `seq_len` tokens, by part."""
     act = 2 if bf16 else 4
@@ -324,19 +323,7 @@ def _stage_memory(
         activations = tokens * act * (shape.num_layers * shape.hidden_size + per_layer_token)
     else:
         activations = tokens * act * shape.num_layers * per_layer_token
-    parts = {"activations": activations}
-    terms = [n.strip() for n in objective.split("+")]
-    if any(n in _CAPTURING for n in terms):
-        parts["teacher Q/K/V (distilled layers)"] = tokens * act * _distilled_layers(config, shape) * (q + 2 * kv)
-    if any(n in _LOGITS for n in terms):
-        parts["logits chunk (fp32)"] = 3 * min(_LOGIT_CHUNK, tokens) * shape.vocab_size * 4
-    return parts
-
-
-def _distilled_layers(config: RestoreConfig, shape: ModelShape) -> int:
-    from linearard.objectives import select_layers
-
-    return len(select_layers(config.layers, shape.num_layers))
+    return {"activations": activations, **objective.memory(shape, tokens, act)}
 
 
 def read_model_meta(spec: str) -> tuple[Any, Any, torch.dtype]:
@@ -384,7 +371,7 @@ def dry_run_plan(config: RestoreConfig) -> Plan:
     """The plan of `config` without loading any weights: the model is built on the meta device."""
     from transformers import AutoModelForCausalLM
 
-    from linearard.data import corpus_files, default_corpus_files, estimate_corpus_tokens
+    from linearard.data import estimate_corpus_tokens, training_files
     from linearard.data.documents import check_text_encoding
     from linearard.export import check_exportable
     from linearard.models.adapters import add_adapters
@@ -405,7 +392,7 @@ def dry_run_plan(config: RestoreConfig) -> Plan:
     shape = ModelShape.of(model, model_config)
     shape.dtype = torch.bfloat16 if bf16 else torch.float32  # what a run loads the weights as
     stages = plan_stages(config, scaling, shape, world_size=world_size, device=device, bf16=bf16)
-    files = corpus_files(config.data) if config.data else default_corpus_files()
+    files = training_files(config.data)
     if config.data:
         check_text_encoding(files)
     return Plan(
