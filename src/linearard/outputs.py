@@ -24,7 +24,10 @@ from linearard.errors import UserError
 
 MARKER = ".linearard-output.json"
 # What a restore run writes into its folder (the exported model's temporary folder starts with ".model-").
-RESTORE_ENTRIES = frozenset({MARKER, "config.yaml", "checkpoints", "metrics.jsonl", "tensorboard", "model"})
+# what `linearard restore` writes at the top of its folder (objective.yaml: each stage's resolved objective)
+RESTORE_ENTRIES = frozenset(
+    {MARKER, "config.yaml", "objective.yaml", "checkpoints", "metrics.jsonl", "tensorboard", "model"}
+)
 
 
 def written_by(folder: str | Path) -> dict | None:

@@ -75,7 +75,7 @@ RESUMABLE_CHANGES = frozenset(
     {"resume", "overwrite", "dry_run", "output", "save_every", "keep_checkpoints", "log_every", "eval",
      "eval_tokens", "eval_seq_len", "export", "device", "strategy"}
 )
-OBJECTIVE_FILE = "objective.yaml"  # each stage's resolved objective, beside config.yaml
+OBJECTIVE_FILE = "objective.yaml"  # each stage's resolved objective, beside config.yaml (see outputs.RESTORE_ENTRIES)
 _AGREEMENT_BATCH = 4  # windows per forward pass of the end-of-run agreement
 OOM_HINT = "lower --seq-len or --batch-size (raise --grad-accum to keep the step size), or add --gradient-checkpointing"
 
