@@ -51,15 +51,18 @@ def register_relation_kl(
         ctx.mark_non_differentiable(lse_s, lse_t)
         ctx.set_materialize_grads(False)
 
-    def backward_formula(ctx, grad_kl: Tensor | None, _grad_lse_s: None, _grad_lse_t: None) -> tuple:
+    def gradients(ctx, grad_kl: Tensor | None, run_backward: Callable) -> tuple:
         # Teacher tensors, mask and settings get no gradient; nor does anything when kl got none.
         no_grads = (None,) * len(ctx.needs_input_grad)
         if grad_kl is None:
             return no_grads
         *tensors, lse_s, lse_t = ctx.saved_tensors
         need_dq, need_dk = ctx.needs_input_grad[:2]
-        dq, dk = backward(grad_kl, lse_s, lse_t, *tensors, *ctx.config, need_dq, need_dk)
+        dq, dk = run_backward(grad_kl, lse_s, lse_t, *tensors, *ctx.config, need_dq, need_dk)
         return (dq if need_dq else None, dk if need_dk else None, *no_grads[2:])
+
+    def backward_formula(ctx, grad_kl: Tensor | None, _grad_lse_s: None, _grad_lse_t: None) -> tuple:
+        return gradients(ctx, grad_kl, backward)
 
     forward.register_autograd(backward_formula, setup_context=setup_context)
     eager_forward, eager_backward = eager
@@ -73,12 +76,7 @@ def register_relation_kl(
 
         @staticmethod
         def backward(ctx, grad_kl):
-            if grad_kl is None:
-                return (None,) * len(ctx.needs_input_grad)
-            *tensors, lse_s, lse_t = ctx.saved_tensors
-            need_dq, need_dk = ctx.needs_input_grad[:2]
-            dq, dk = eager_backward(grad_kl, lse_s, lse_t, *tensors, *ctx.config, need_dq, need_dk)
-            return (dq if need_dq else None, dk if need_dk else None, *(None,) * (len(ctx.needs_input_grad) - 2))
+            return gradients(ctx, grad_kl, eager_backward)
 
     def relation_kl_rows(*inputs) -> Tensor:
         if torch.compiler.is_compiling():

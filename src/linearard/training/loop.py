@@ -206,11 +206,10 @@ class _Run:
         if config.eval:
             result.perplexity, result.agreement = self._evaluate()
         if config.export:
+            rows = _agreement_rows(result.perplexity, result.agreement)
             heldout = {"perplexity": result.perplexity}
             for metric in ("kl", "top1"):
-                heldout[metric] = {role: a[metric] for role, a in result.agreement.items() if metric in a}
-                if heldout[metric] and result.perplexity:
-                    heldout[metric] = {"teacher": 0.0 if metric == "kl" else 1.0, **heldout[metric]}
+                heldout[metric] = {role: a[metric] for role, a in rows.items() if metric in a}
             result.export = self._export(heldout)
         result.seconds = time.perf_counter() - started
         return result
@@ -343,17 +342,15 @@ class _Run:
                 self.trainer.step = step + 1
                 self.trainer.tokens += stage.tokens_per_step
                 log.add(self._global_step(), totals, lr)
-                saving = step + 1 == stage.steps or (
+                saving = step + 1 == stage.steps or bool(
                     config.save_every and self._global_step() % config.save_every == 0
                 )
-                if saving or log.due():
+                stopping = self.stop.due(self._global_step(), ctx, checkpoint=saving)
+                if saving or stopping or log.due():
                     log.flush()  # raises on a non-finite loss before anything is saved
-                if saving:
+                if saving or stopping:
                     self._save(optimizer, scheduler, batches)
-                if self.stop.due(self._global_step(), ctx, checkpoint=saving):
-                    if not saving:
-                        log.flush()
-                        self._save(optimizer, scheduler, batches)
+                if stopping:
                     where = latest_checkpoint(self.output)
                     raise Interrupted(
                         f"stopped on {self.stop.name} after step {self._global_step()}; checkpoint {where}",
@@ -630,6 +627,16 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bool(bos_prefix(tokenizer))
 
 
+def _agreement_rows(
+    perplexity: dict[str, float], agreement: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """The students' agreement with the teacher, and the teacher's with itself (KL 0, top-1 1) when it was
+    measured and the students were compared with it."""
+    if "teacher" not in perplexity or not agreement:
+        return agreement
+    return {"teacher": {"kl": 0.0, "top1": 1.0}, **agreement}
+
+
 def _perplexity_report(
     values: dict[str, float], rope: str, length: int, tokens: int, agreement: dict[str, dict[str, float]] | None = None
 ) -> str:
@@ -638,13 +645,13 @@ def _perplexity_report(
     Agreement is the measure of restoration; the perplexity recovery can pass 100 % when training fits
     the held-out text's domain better than the teacher does, and the summary says so.
     """
-    agreement = agreement or {}
+    agreement = _agreement_rows(values, agreement or {})
     lines = [f"held-out perplexity and agreement with the teacher (up to {tokens} tokens in {length}-token windows):",
              f"  {'':<40} {'perplexity':>10} {'KL to teacher':>14} {'top-1 agreement':>16}"]
     labels = {"teacher": "teacher (native RoPE)", "scaled student": f"scaled student, untrained ({rope})",
               "restored student": "restored student"}
     for role, value in values.items():
-        a = agreement.get(role, {"kl": 0.0, "top1": 1.0} if role == "teacher" else {})
+        a = agreement.get(role, {})
         kl = f"{a['kl']:14.4f}" if a.get("kl") is not None else f"{'':14}"
         top1 = f"{a['top1']:16.1%}" if a.get("top1") is not None else f"{'':16}"
         lines.append(f"  {labels[role]:<40} {value:10.2f} {kl} {top1}")
