@@ -564,6 +564,22 @@ def test_the_scheduler_keeps_each_device_to_one_run_and_sweeps_before_their_arms
                                                                                        "ard lr=0.001 (sweep)"]
 
 
+def test_a_gpu_listed_twice_runs_two_workers_each_with_half_its_memory(tmp_path):
+    import sys
+
+    from linearard.study.command import _devices
+    from linearard.study.parallel import Job, WorkerLauncher
+
+    assert _devices("0,0,1") == ["0", "0", "1"]
+    launch = WorkerLauncher("linearard study --output out", tmp_path, ["0", "0", "1", "cpu", "cpu"])
+    launch.program = [sys.executable, "-c", "import sys; print(sys.argv[1:])"]
+    for device in ("0", "1", "cpu"):
+        assert launch(Job(f"run-{device}"), device) is None
+    logged = {d: (tmp_path / "logs" / f"run-{d}.log").read_text() for d in ("0", "1", "cpu")}
+    assert "'--only', 'run-0', '--memory-fraction', '0.5'" in logged["0"]
+    assert "--memory-fraction" not in logged["1"] and "--memory-fraction" not in logged["cpu"]
+
+
 def test_an_interrupted_parent_stops_its_workers(tmp_path):
     import sys
     import threading

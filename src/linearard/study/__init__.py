@@ -85,7 +85,8 @@ def _run_parallel(study, devices: list[str], log: Callable[[str], None], on_prog
     lock = threading.Lock()
 
     def launch_logged(job: Job, device: str) -> str | None:
-        log(f"study: {job.label}: started on device {device}")
+        with lock:  # one line at a time from the device threads
+            log(f"study: {job.label}: started on device {device}")
         error = launch(job, device)
         with lock:
             log(f"study: {job.label}: " + (f"failed: {error}" if error else "finished"))

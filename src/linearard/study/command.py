@@ -125,8 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "--eval-set samples=10 --eval-set ppl_lengths=256,1024 (repeatable)")
     jobs = parser.add_argument_group("jobs")
     jobs.add_argument("--devices", type=_devices, metavar="LIST",
-                      help="run the study's runs in parallel, one process per device: CUDA indices (0,1,2,3) or "
-                           "cpu,cpu (default: every visible GPU when there are several)")
+                      help="run the study's runs in parallel, one process per entry: CUDA indices (0,1,2,3) or "
+                           "cpu,cpu; a GPU listed twice (0,0,1,1) runs two processes that share its memory, "
+                           "which pays for small models (default: every visible GPU when there are several)")
     jobs.add_argument("--no-reference", action="store_true",
                       help="leave the native model's evaluation to another job (agreement still compares with "
                            "it); for an arm job whose folder is merged later")
@@ -134,6 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="merge finished study folders into one report in --output (training and evaluation "
                            "options are taken from the folders); refuses folders whose settings disagree")
     jobs.add_argument("--only", action="append", default=[], help=argparse.SUPPRESS)  # a worker's run label
+    # a worker's share of a GPU that several workers use at once (its memory plans stay inside it)
+    jobs.add_argument("--memory-fraction", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--dry-run", action="store_true",
                         help="print every run with its stages and what a rerun would do; train nothing")
 
@@ -148,6 +151,10 @@ def run(args: argparse.Namespace) -> int:
         failures = merge_studies([Path(d) for d in args.merge], Path(args.output), command=command_line(args))
         return 1 if failures else 0
     settings = settings_from_args(args)
+    if args.memory_fraction:  # a worker sharing its GPU: the memory plan sees only this share
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
     if args.dry_run:
         study = Study(settings)
         print(describe_plan(study, study.plan()))
@@ -358,6 +365,4 @@ def _devices(text: str) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items or not all(x == "cpu" or x.isdigit() for x in items):
         raise argparse.ArgumentTypeError(f"expected CUDA indices such as 0,1 or cpu,cpu, got {text!r}")
-    if len({x for x in items if x != "cpu"}) != sum(x != "cpu" for x in items):
-        raise argparse.ArgumentTypeError(f"a GPU is listed twice in {text!r}")
     return items

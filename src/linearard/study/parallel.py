@@ -2,8 +2,11 @@
 
 The parent plans the study, hands each unfinished run to the next free device as a worker process
 (``linearard study <the same options> --only RUN``, with ``CUDA_VISIBLE_DEVICES`` set to that device),
-and writes the report when all have ended. Every run keeps its own folder, so workers never write the
-same file; a run whose learning rate comes from a sweep starts once that sweep's runs have ended.
+and writes the report when all have ended. A GPU listed n times runs n workers at once, each allowed
+1/n of its memory (so each run's memory plan fits beside the others): a small model leaves most of a
+large GPU idle while its host launches kernels, and a second worker fills those gaps. Every run
+keeps its own folder, so workers never write the same file; a run whose learning rate comes from a
+sweep starts once that sweep's runs have ended.
 A worker's output goes to ``OUTPUT/logs/<run>.log``.
 
 Example:
@@ -21,6 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +109,7 @@ class WorkerLauncher:
         self.program = [sys.executable, "-m", "linearard"]
         self.argv = shlex.split(command)[1:]  # without the program name
         self.threads = max(1, (os.cpu_count() or 1) // max(1, len(devices)))
+        self.shares = Counter(d for d in devices if d != "cpu")  # workers per GPU
         self.logs = output / "logs"
         self.running: set[subprocess.Popen] = set()
         self.stopped = False
@@ -120,7 +125,7 @@ class WorkerLauncher:
             with self.lock:
                 if self.stopped:
                     return "not started: the study was interrupted"
-                process = subprocess.Popen([*self.program, *self.argv, "--only", job.label],
+                process = subprocess.Popen([*self.program, *self.argv, "--only", job.label, *self.share(device)],
                                            stdout=log, stderr=subprocess.STDOUT, env=env)
                 self.running.add(process)
             code = process.wait()
@@ -131,6 +136,11 @@ class WorkerLauncher:
         last = _last_line(log_path)
         return f"its worker on device {device} exited with code {code}" + (f": {last}" if last else "") + \
             f" (log: {log_path})"
+
+    def share(self, device: str) -> list[str]:
+        """The worker's extra arguments on `device`: its memory fraction when other workers share the GPU."""
+        n = self.shares.get(device, 1)
+        return ["--memory-fraction", str(1 / n)] if n > 1 else []
 
     def stop(self, grace: float = 30.0) -> None:
         """Interrupt every running worker (as Ctrl-C would), wait up to `grace` seconds, then kill."""

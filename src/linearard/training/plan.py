@@ -250,10 +250,13 @@ def _micro_batches(
 
 
 def _memory_budget(device: str) -> int:
-    """Bytes a micro-batch may fill: 80% of the GPU (the estimate leaves out the allocator's slack),
-    or half of the host's memory on the CPU."""
+    """Bytes a micro-batch may fill: 80% of this process's share of the GPU (the estimate leaves out the
+    allocator's slack; the share is `torch.cuda.set_per_process_memory_fraction`'s, 1 unless set), or
+    half of the host's memory on the CPU."""
     if device.startswith("cuda") and torch.cuda.is_available():
-        return int(0.8 * torch.cuda.get_device_properties(torch.device(device)).total_memory)
+        gpu = torch.device(device)
+        share = torch.cuda.get_per_process_memory_fraction(gpu)
+        return int(0.8 * share * torch.cuda.get_device_properties(gpu).total_memory)
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError, AttributeError):
