@@ -144,6 +144,23 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(models, corpus,
         read_checkpoint(latest_checkpoint(cfg.output), world_size=2)
 
 
+def test_resume_takes_another_spelling_of_the_same_layers(models, corpus, tmp_path):
+    cfg = _config(models, corpus, tmp_path, max_tokens=64 * 2)
+    restore(cfg, log=_quiet)
+    saved = latest_checkpoint(cfg.output) / "config.yaml"
+    assert "\nlayers: null\n" in saved.read_text()
+    resume = {**cfg.to_dict(), "resume": True}
+    restore(build_config(flags={**resume, "layers": "all"}), log=_quiet)  # every layer of ard, either way
+    # earlier versions wrote the default as "all" (and no manifest)
+    saved.write_text(saved.read_text().replace("\nlayers: null\n", "\nlayers: all\n"))
+    (saved.parent / ckpt.MANIFEST).unlink()
+    assert restore(build_config(flags=resume), log=_quiet).steps == 2
+    # for hidden, "all" is every layer and the default four: a real change
+    saved.write_text(saved.read_text().replace("\nobjective: ard\n", "\nobjective: hidden\n"))
+    with pytest.raises(UserError, match=r"different settings than the checkpoint: layers 'all' -> None$"):
+        restore(build_config(flags={**resume, "objective": "hidden"}), log=_quiet)
+
+
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(models, corpus, tmp_path, monkeypatch):
     original = _Run._objective_step
     calls = {"n": 0}

@@ -1,11 +1,15 @@
 """`linearard export`: fold a restore checkpoint's adapters into a model that plain transformers loads.
 
-The output folder holds the merged model (safetensors, in the base model's dtype; the merge itself
-is done in fp32), its config with the student's RoPE scaling and ``max_position_embeddings`` = the
-target length, written in both config dialects (transformers 5 ``rope_parameters``; 4.x
-``rope_scaling`` + top-level ``rope_theta``), the tokenizer, and the adapters alone in ``adapter/``
-(a peft adapter folder for LoRA, ``adapters.safetensors`` otherwise, and the run's ``config.yaml``),
-and a ``README.md`` model card (`linearard.model_card`).
+The output folder holds the merged model (safetensors, in the dtype asked for, by default the
+model's own; each adapted weight is merged in fp32), its config with the student's RoPE scaling and
+``max_position_embeddings`` = the target length, written in both config dialects (transformers 5
+``rope_parameters``; 4.x ``rope_scaling`` + top-level ``rope_theta``), the tokenizer, and the adapters
+alone in ``adapter/`` (a peft adapter folder for LoRA, ``adapters.safetensors`` otherwise, and the
+run's ``config.yaml``), and a ``README.md`` model card (`linearard.model_card`).
+
+The merge builds a copy on the CPU, tensor by tensor (`linearard.models.adapters.merged_state_dict`):
+the model exported keeps its adapters, device and dtype and may go on being used, and the memory
+taken is one copy of the model in the saved dtype on the CPU, none on the accelerator.
 
 The output folder must be new, empty, or an earlier export (replaced only with ``overwrite``); it may
 not hold or lie inside the checkpoint or the base model (see `linearard.outputs`).
@@ -37,7 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 from linearard.errors import UserError
-from linearard.models.adapters import adapter_state_dict, merge_adapters
+from linearard.models.adapters import adapter_state_dict, merged_state_dict, unwrap
 from linearard.models.rope import SCALED_LAYER_TYPE, RopeScaling, legacy_rope_fields, rotary_dim, scaled_config
 from linearard.outputs import check_output, clear_own, describe_os_error, mark
 
@@ -59,15 +63,16 @@ def export_model(
 ) -> Path:
     """Write `model` (with adapters) as a merged, RoPE-scaled transformers model into `output`.
 
-    The adapters are merged into `model` itself (in fp32), so use it no further afterwards. The
+    The merged weights are built on the CPU (see the module docstring); `model` is not changed. The
     folder is assembled beside `output` and moved into place when complete.
 
     Args:
-        model: the restored model, adapters on (a peft LoRA model or one with dense deltas).
+        model: the restored model, adapters on (a peft LoRA model or one with dense deltas), possibly
+            inside a data-parallel or ``torch.compile`` wrapper; not sharded (for FSDP export a checkpoint).
         tokenizer: saved beside the weights.
         scaling: the student's RoPE scaling.
         output: the folder to create.
-        dtype: dtype of the saved weights (default: the model's current dtype).
+        dtype: dtype of the saved weights (default: the dtype of the model's frozen weights).
         config: the run's `RestoreConfig`, saved as ``adapter/config.yaml`` when given.
         card: the run's numbers for the model card (``heldout``, ``tokens_trained``; see `linearard.model_card`).
         overwrite: replace an earlier export in `output` (never anything else).
@@ -81,18 +86,15 @@ def export_model(
             writing failed (a full disk); what was there before is unchanged.
     """
     output = check_output(output, "export", overwrite=overwrite, inputs=inputs)
+    model = unwrap(model)
     where = output.resolve()
     tmp = None
     try:
         where.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{where.name}-", dir=where.parent))
         _write_adapters(model, tmp / ADAPTER_DIR, config)
-        merged = merge_adapters(model)
-        base_config = merged.config
-        merged.config = exported_config(base_config, scaling)
-        if dtype is not None:
-            merged.to(dtype)
-        merged.config.dtype = dtype or next(merged.parameters()).dtype
+        base_config = model.config
+        merged = _merged_model(model, exported_config(base_config, scaling), dtype)
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _add_legacy_rope(tmp / "config.json", merged.config)
@@ -109,6 +111,22 @@ def export_model(
             raise UserError(f"could not write the exported model to {output}: {describe_os_error(err)}") from None
         raise
     return output
+
+
+def _merged_model(model: torch.nn.Module, config: Any, dtype: torch.dtype | None) -> Any:
+    """The plain transformers model of `config` holding `model`'s merged weights on the CPU. It is built
+    on the meta device and takes the merged tensors as they are, so its weights take no memory of their
+    own; its non-persistent buffers (rotary frequencies) stay unmaterialised: it is for saving."""
+    state = merged_state_dict(model, dtype)
+    config.dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.device("meta"):
+        merged = type(inner)(config)
+    merged.load_state_dict(state, assign=True)
+    merged.tie_weights()  # one tensor under both names already; this makes it one parameter too
+    if getattr(inner, "generation_config", None) is not None:  # the base model's sampling defaults
+        merged.generation_config = copy.deepcopy(inner.generation_config)
+    return merged
 
 
 def _move_into_place(tmp: Path, output: Path) -> None:

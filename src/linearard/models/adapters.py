@@ -42,12 +42,6 @@ class DeltaLinear(nn.Module):
             return self.base(x)
         return F.linear(x, self.base.weight + self.delta.to(self.base.weight.dtype), self.base.bias)
 
-    def merged(self) -> nn.Linear:
-        with torch.no_grad():
-            w = self.base.weight.float() + self.delta.float()
-            self.base.weight.copy_(w.to(self.base.weight.dtype))
-        return self.base
-
 
 def add_adapters(
     model: nn.Module,
@@ -141,16 +135,119 @@ def _is_peft_layer(module: nn.Module) -> bool:
     return isinstance(module, BaseTunerLayer)
 
 
-def merge_adapters(model: nn.Module) -> nn.Module:
-    """Fold the deltas into the weights (in fp32) and return the plain transformers model."""
-    if hasattr(model, "merge_and_unload"):
-        dtype = next(model.parameters()).dtype
-        return model.float().merge_and_unload().to(dtype)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, DeltaLinear):
-            parent, attr = _parent(model, name)
-            setattr(parent, attr, module.merged())
-    return model
+def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The weights of `model` with its deltas folded in, named as the plain transformers model names
+    them, on the CPU and in `dtype`; `model` itself is left as it was.
+
+    Each adapted weight is merged in fp32 on the CPU, one layer at a time (``W + scaling · B @ A`` for
+    LoRA, as peft's ``merge_and_unload`` computes it; ``W + Δ`` for dense deltas), then cast to `dtype`.
+    Every other floating-point tensor is cast to `dtype` on the CPU (other tensors keep theirs); a tensor
+    the model shares under two names (a tied output embedding) is one tensor here too. So the only
+    memory taken is one copy of the model in `dtype` on the CPU, and none on the model's device.
+
+    Args:
+        model: a model with adapters (`add_adapters`), or one inside a data-parallel or
+            ``torch.compile`` wrapper.
+        dtype: dtype of the floating-point tensors (default: that of the model's frozen weights).
+
+    Returns:
+        Name -> tensor, for ``load_state_dict`` of the model without adapters. Tensors already on the
+        CPU in `dtype` are the model's own, not copies: read them, do not write them.
+
+    Raises:
+        UserError: the model is sharded over processes (FSDP: export a checkpoint instead), or it has an
+            adapter kind other than plain LoRA on linear layers or dense deltas.
+
+    Example:
+        >>> plain = AutoModelForCausalLM.from_config(model.config)  # doctest: +SKIP
+        >>> plain.load_state_dict(merged_state_dict(model, torch.bfloat16))  # doctest: +SKIP
+    """
+    model = unwrap(model)
+    if hasattr(model, "get_base_model"):  # peft: the transformers model, its LoRA layers in place
+        model = model.get_base_model()
+    if dtype is None:
+        frozen = [p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+        dtype = frozen[0] if frozen else next(model.parameters()).dtype
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        _add_merged(model, "", dtype, out, {})
+    return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """`model` without its data-parallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _add_merged(
+    module: nn.Module, prefix: str, dtype: torch.dtype, out: dict[str, torch.Tensor], done: dict[int, torch.Tensor]
+) -> None:
+    """Put `module`'s tensors into `out` as a state dict names them, adapter layers merged into one
+    weight; `done` maps tensors already converted (by id) to their conversion, which keeps ties."""
+    if isinstance(module, DeltaLinear) or _is_peft_layer(module):
+        base = module.base if isinstance(module, DeltaLinear) else _lora_base(module)
+        out[prefix + "weight"] = _merged_weight(module, base).to(dtype)
+        if base.bias is not None:
+            out[prefix + "bias"] = _converted(base.bias, dtype, done)
+        return
+    for name, param in module._parameters.items():
+        if param is not None:
+            out[prefix + name] = _converted(param, dtype, done)
+    for name, buffer in module._buffers.items():
+        if buffer is not None and name not in module._non_persistent_buffers_set:
+            out[prefix + name] = _converted(buffer, dtype, done)
+    for name, child in module._modules.items():
+        if child is not None:
+            _add_merged(child, f"{prefix}{name}.", dtype, out, done)
+
+
+def _converted(tensor: torch.Tensor, dtype: torch.dtype, done: dict[int, torch.Tensor]) -> torch.Tensor:
+    if id(tensor) not in done:
+        cpu = _on_cpu(tensor)
+        done[id(tensor)] = cpu.to(dtype) if cpu.is_floating_point() else cpu
+    return done[id(tensor)]
+
+
+def _on_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    if hasattr(tensor, "full_tensor"):  # a DTensor: gathering it needs every process
+        raise UserError(
+            "a model sharded over processes (FSDP) cannot be merged by one process; export its checkpoint instead"
+        )
+    return tensor.detach().cpu()  # copied to the CPU before any cast: no temporary on the model's device
+
+
+def _merged_weight(layer: nn.Module, base: nn.Linear) -> torch.Tensor:
+    """The adapter layer's weight with its delta folded in, in fp32 on the CPU."""
+    weight = _on_cpu(base.weight).float()
+    if isinstance(layer, DeltaLinear):
+        return weight + _on_cpu(layer.delta).float()
+    for name in layer.active_adapters:
+        if name not in layer.lora_A or name in layer.merged_adapters:  # merged ones are in the weight already
+            continue
+        a, b = (_on_cpu(m[name].weight).float() for m in (layer.lora_A, layer.lora_B))
+        delta = b @ a
+        weight = weight + (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[name]
+    return weight
+
+
+def _lora_base(layer: nn.Module) -> nn.Linear:
+    """The frozen linear layer under a peft LoRA layer, after checking that the LoRA is the plain kind."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    plain = isinstance(layer, LoraLinear) and not any(
+        n in layer.lora_variant or layer.lora_bias.get(n) for n in layer.active_adapters
+    )
+    if not plain:
+        raise UserError(f"cannot merge a {type(layer).__name__} adapter layer: only plain LoRA on linear layers")
+    return layer.get_base_layer()
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import random
@@ -240,7 +241,7 @@ class _Run:
             raise UserError(f"--resume: no intact checkpoint in {self.output / 'checkpoints'} ({skipped[0][1]})")
         if found is None:
             raise UserError(f"--resume: no checkpoint in {self.output / 'checkpoints'}; start without --resume")
-        saved = build_config(yaml_source=found / "config.yaml").to_dict()
+        saved = _saved_settings(found / "config.yaml", config)
         changed = [k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
         if changed:
             details = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed[:4])
@@ -555,6 +556,21 @@ def check_run_folder(config: RestoreConfig) -> None:
             f"{output} already holds a run ({what}); pass --resume to continue it, --overwrite to start it "
             "over, or choose another --output"
         )
+
+
+def _saved_settings(path: Path, config: RestoreConfig) -> dict[str, Any]:
+    """The settings a checkpoint was written with, with ``layers`` spelled as in `config` where both
+    spellings give the checkpoint's objective the same layers. Earlier versions wrote the default as
+    ``all``; it is now left unset, which for ard and attention means the same (for hidden it does not)."""
+    saved = build_config(yaml_source=path)
+    if saved.layers != config.layers:
+        try:
+            same = dataclasses.replace(saved, layers=config.layers).objective_spec() == saved.objective_spec()
+        except UserError:  # `config`'s layers are no choice for the checkpoint's objective
+            same = False
+        if same:
+            saved.layers = config.layers
+    return saved.to_dict()
 
 
 def _save_objectives(path: Path, stages: list[Stage]) -> None:
