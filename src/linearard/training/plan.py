@@ -255,6 +255,7 @@ def _memory_budget(device: str) -> int:
     half of the host's memory on the CPU."""
     if device.startswith("cuda") and torch.cuda.is_available():
         gpu = torch.device(device)
+        gpu = gpu if gpu.index is not None else torch.device("cuda", torch.cuda.current_device())
         share = torch.cuda.get_per_process_memory_fraction(gpu)
         return int(0.8 * share * torch.cuda.get_device_properties(gpu).total_memory)
     try:
