@@ -275,16 +275,29 @@ def test_rerun_skips_finished_runs(workspace, study_copy, monkeypatch, capsys):
     assert "7 already finished, 0 to do" in out and "### Training" in out
 
 
+def test_a_study_kept_without_its_weights_is_still_finished(workspace, study_copy, monkeypatch, capsys):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished run was redone")
+
+    for train in study_copy.glob("runs/**/train"):  # what a study copied back without its models keeps
+        shutil.rmtree(train)
+    monkeypatch.setattr(loop, "restore", forbidden)
+    monkeypatch.setattr(evaluation, "evaluate", forbidden)
+    assert main(study_args(workspace, study_copy)) == 0
+    assert "7 already finished, 0 to do" in capsys.readouterr().out
+
+
 def test_rerun_redoes_only_what_is_missing(workspace, study_copy, monkeypatch):
     real_restore, real_evaluate = loop.restore, evaluation.evaluate
     trained, evaluated = [], []
     monkeypatch.setattr(loop, "restore", lambda config, **kw: trained.append(config) or real_restore(config, **kw))
     monkeypatch.setattr(evaluation, "evaluate",
                         lambda models, *a, **kw: evaluated.append(list(models)) or real_evaluate(models, *a, **kw))
-    # logits lost its evaluation; hidden lost its export (its final checkpoint is still there)
-    logits = record(study_copy, "logits")
-    del logits["evaluation"]
-    (study_copy / "runs" / "logits" / "seed-0" / "results.json").write_text(json.dumps(logits))
+    # logits lost its evaluation; hidden lost its evaluation and its export (its final checkpoint is still there)
+    for arm in ("logits", "hidden"):
+        rec = record(study_copy, arm)
+        del rec["evaluation"]
+        (study_copy / "runs" / arm / "seed-0" / "results.json").write_text(json.dumps(rec))
     shutil.rmtree(study_copy / "runs" / "hidden" / "seed-0" / "train" / "model")
 
     assert main(study_args(workspace, study_copy)) == 0

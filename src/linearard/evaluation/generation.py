@@ -45,7 +45,7 @@ def greedy_generate(
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = model_device(model)
-    stops = torch.tensor(sorted({int(s) for s in stop_ids}), dtype=torch.long, device=device)
+    stops = {int(s) for s in stop_ids}
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
@@ -54,18 +54,21 @@ def greedy_generate(
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = forward(model, ids, mask, positions, use_cache=True, logits_to_keep=1)
-        done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+        done = [False] * len(idx)
         rows: list[list[int]] = [[] for _ in idx]
         next_pos = positions[:, -1:] + 1
         for step in range(max_new_tokens):
             token = logits[:, -1].argmax(-1)
-            done |= torch.isin(token, stops)
-            for r in range(len(idx)):
-                if not done[r]:
-                    rows[r].append(int(token[r]))
-                    if stop_fn is not None and stop_fn(rows[r]):
-                        done[r] = True
-            if bool(done.all()) or step == max_new_tokens - 1:
+            # the step's one transfer from the device: every row's token at once
+            for r, t in enumerate(token.tolist()):
+                if done[r]:
+                    continue
+                if t in stops:
+                    done[r] = True
+                    continue
+                rows[r].append(t)
+                done[r] = stop_fn is not None and stop_fn(rows[r])
+            if all(done) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             logits, cache = forward(model, token[:, None], mask, next_pos, cache=cache, use_cache=True)

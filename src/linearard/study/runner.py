@@ -11,10 +11,11 @@ Layout of the output folder::
       runs/<arm>/sweep/lr-<lr>/            a learning-rate sweep run of that arm (``--lr-sweep``)
       logs/<run>.log                       a run's output when runs go to several devices (``--devices``)
 
-A run is finished when its ``results.json`` holds an evaluation made with the current evaluation
-settings (and, for a trained run, its exported model exists): a rerun of the same command skips it.
-A trained run whose export exists is only re-evaluated; one with checkpoints but no export resumes
-training from its newest checkpoint. A finished run whose settings differ from the command's is an
+A run is finished when its ``results.json`` holds its training numbers and an evaluation made with the
+current evaluation settings: a rerun of the same command skips it, also when its weights were deleted
+or the study folder was copied without them. A trained run whose evaluation is missing or stale is
+re-evaluated from its export; one with checkpoints but no export resumes training from its newest
+checkpoint. A finished run whose settings differ from the command's is an
 error rather than a silent mix of two studies in one table.
 
 Fairness: every trained run gets the same number of tokens per optimizer step (``--tokens-per-step``,
@@ -360,11 +361,12 @@ class Study:
             self._check_same_settings(run, record)
         if run.is_sweep and record.get("failed"):
             return "failed"
-        trained = not run.arm.trains or ("training" in record and (run.folder / EXPORT / "config.json").exists())
-        if not trained:
-            return "resume" if latest_checkpoint(run.folder / "train") is not None else "train"
-        evaluation = record.get("evaluation") or {}
-        return "done" if evaluation.get("fingerprint") == self.fingerprint(run) else "evaluate"
+        evaluated = (record.get("evaluation") or {}).get("fingerprint") == self.fingerprint(run)
+        if evaluated and (not run.arm.trains or "training" in record):
+            return "done"  # its numbers are recorded: the weights are no longer needed (and may be gone)
+        if not run.arm.trains or ("training" in record and (run.folder / EXPORT / "config.json").exists()):
+            return "evaluate"
+        return "resume" if latest_checkpoint(run.folder / "train") is not None else "train"
 
     def _check_same_settings(self, run: Run, record: dict) -> None:
         where = f"{run.folder} holds a run of arm {run.arm.name} made with other settings"
@@ -419,7 +421,8 @@ class Study:
         self.s.output.mkdir(parents=True, exist_ok=True)
         todo = self.todo()
         total = len(self.every_run())
-        self.log(f"study: {total} runs, {total - len(todo)} already finished, {len(todo)} to do")
+        if not self.s.only:  # a worker's parent has said this for the whole study
+            self.log(f"study: {total} runs, {total - len(todo)} already finished, {len(todo)} to do")
         for index, run in enumerate(todo, 1):
             self.run_one(run, f"[{index}/{len(todo)}] ")
             if on_progress:
