@@ -44,6 +44,7 @@ def run_one(args: argparse.Namespace) -> None:
     result = restore(config, log=lambda _: None)
     seconds = time.perf_counter() - start
     record = {"rank": rank, "world_size": world, "strategy": args.strategy, "seq_len": args.seq_len,
+              "tokens_per_step": args.tokens_per_step,
               "steps": result.steps, "tokens": result.tokens, "seconds": round(seconds, 2),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -61,8 +62,8 @@ def merge(folders: list[str], results: Path) -> None:
         steps = steps[16:] or steps[-1:]
         tokens_per_s = statistics.median(r["tokens_per_s"] for r in steps)
         world = ranks[0]["world_size"]
-        rows.append({**{k: ranks[0][k] for k in ("strategy", "world_size", "seq_len", "gpu", "torch",
-                                                "gradient_checkpointing")},
+        rows.append({**{k: ranks[0][k] for k in ("strategy", "world_size", "seq_len", "tokens_per_step", "gpu",
+                                                "torch", "gradient_checkpointing")},
                      "tokens_per_s": round(tokens_per_s, 1),
                      "tokens_per_s_per_gpu": round(tokens_per_s / world, 1),
                      "peak_gib_per_gpu": [r["peak_gib"] for r in ranks],
