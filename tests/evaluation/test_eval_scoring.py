@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from linearard.evaluation.generation import greedy_generate
-from linearard.evaluation.scoring import Request, encode, encode_pair, loglikelihoods, prefix_token, token_nlls
+from linearard.evaluation.scoring import Request, encode, encode_pairs, loglikelihoods, prefix_token, token_nlls
 from tiny import byte_tokenizer, tiny_model
 
 
@@ -90,15 +90,66 @@ def test_token_nlls_whole_windows_and_last_tokens():
         torch.testing.assert_close(t, f[-4:], atol=1e-5, rtol=0)
 
 
-def test_encode_pair_follows_the_harness_split():
+def test_encode_pairs_follows_the_harness_split():
     tok = byte_tokenizer()
-    ctx, cont = encode_pair(tok, "Question: why? ", "Answer")
+    [(ctx, cont), (empty, after_empty), (blank, after_blank)] = encode_pairs(
+        tok, [("Question: why? ", "Answer"), ("", "hello"), ("  ", "hello")])
     assert ctx == encode(tok, "Question: why?")
     assert cont == encode(tok, " Answer")  # the trailing space moved to the continuation
-    ctx, cont = encode_pair(tok, "", "hello")
-    assert ctx == [prefix_token(tok)] and cont == encode(tok, "hello")
-    ctx, cont = encode_pair(tok, "  ", "hello")
-    assert ctx == [prefix_token(tok)] and cont == encode(tok, "  hello")
+    assert empty == [prefix_token(tok)] and after_empty == encode(tok, "hello")
+    assert blank == [prefix_token(tok)] and after_blank == encode(tok, "  hello")
+    assert encode_pairs(tok, []) == []
+
+
+def harness_split(tok, context, continuation):
+    """One pair split as lm-evaluation-harness splits it: the context and the whole text each encoded
+    with the tokenizer's own special tokens, the continuation being what follows the context."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    if not stripped:
+        return [prefix_token(tok)], tok(continuation, add_special_tokens=False)["input_ids"]
+    ctx = tok(stripped)["input_ids"]
+    return ctx, tok(stripped + continuation)["input_ids"][len(ctx):]
+
+
+class CountingTokenizer:
+    """A tokenizer that records the text (or list of texts) of every call."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, []
+
+    def __call__(self, text, **kwargs):
+        self.calls.append(text)
+        return self.tok(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+SPLIT_CASES = [
+    ("Question: why?", " Answer"), ("Question: why?", " Because"), ("Question: why?", "?"),  # one item
+    ("Question: why? ", "Answer"), ("Question: why?\n\n", "Answer"),  # trailing spaces move over
+    ("", "hello"), ("  ", "hello"), ("", "hello"), ("", " "),  # empty contexts
+    ("The cup fell so Tom", " picked it up."), ("The cup fell so Ann", " picked it up."),  # Winogrande
+    ("Question: why?", " Answer"),  # a pair seen before
+]
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_encode_pairs_equals_the_harness_split_of_each_pair(bos):
+    # "? " and "? A" merge, so the continuation " Answer" loses tokens to the context's last one, as
+    # in the harness: the continuation is whatever follows the context's tokens in the whole text.
+    tok = byte_tokenizer(bos=bos, merges=(("?", " "), ("? ", "A")))
+    assert (tok("a")["input_ids"][0] == tok.bos_token_id) == bos
+    counting = CountingTokenizer(tok)
+    got = encode_pairs(counting, SPLIT_CASES)
+    assert got == [harness_split(tok, *pair) for pair in SPLIT_CASES]
+    assert got[0][1] != encode(tok, " Answer")  # the merge across the boundary happened
+    assert (got[0][0][0] == tok.bos_token_id) == bos
+    # one batch call, each distinct text once, and at most one more call (whether BOS comes first)
+    [texts] = [c for c in counting.calls if isinstance(c, list)]
+    assert len(texts) == len(set(texts)) and texts.count("Question: why?") == 1
+    assert len(counting.calls) <= 2
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

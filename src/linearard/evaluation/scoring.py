@@ -9,7 +9,7 @@ Two primitives serve every task:
 - :func:`token_nlls` returns the per-token negative log-likelihood of whole windows (perplexity),
   optionally of their last tokens only.
 
-Tokens are plain ``list[int]``; :func:`encode_pair` turns text into them with the harness's rules.
+Tokens are plain ``list[int]``; :func:`encode_pairs` turns text into them with the harness's rules.
 """
 
 from __future__ import annotations
@@ -117,25 +117,45 @@ def prefix_token(tokenizer) -> int:
     return int(tok)
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Context and continuation token ids, split the way lm-evaluation-harness splits them.
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """Context and continuation token ids of each ``(context, continuation)``, split the way
+    lm-evaluation-harness splits them.
 
     Trailing spaces of the context move to the continuation; the pair is encoded as one string and
     the continuation is what follows the separately encoded context, so the continuation tokens are
-    those a model would see when reading the whole text. An empty context becomes the prefix token.
+    those a model would see when reading the whole text. An empty context becomes the prefix token;
+    a tokenizer that puts BOS in front of text puts it in front of every context.
+
+    The texts go to the tokenizer in one batch call, each distinct text once: the choices of a
+    multiple-choice item share their context, so it is encoded once, not once per choice.
 
     Example:
-        >>> ctx, cont = encode_pair(tok, "Question: 2+2?\\nAnswer:", " 4")
+        >>> question = "Question: 2+2?\\nAnswer:"
+        >>> [(ctx, four), (_, five)] = encode_pairs(tok, [(question, " 4"), (question, " 5")])
     """
-    stripped = context.rstrip()
-    continuation = context[len(stripped):] + continuation
-    context = stripped
-    if not context:
-        return [prefix_token(tokenizer)], encode(tokenizer, continuation)
+    if not pairs:
+        return []
+    split = []
+    for context, continuation in pairs:
+        stripped = context.rstrip()
+        split.append((stripped, context[len(stripped):] + continuation))
+    # What to encode: the context and the whole text, or the continuation alone after an empty context.
+    texts: dict[str, int] = {}
+    for context, continuation in split:
+        for text in ((context, context + continuation) if context else (continuation,)):
+            texts.setdefault(text, len(texts))
+    ids = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
     head = bos_prefix(tokenizer)
-    whole = head + encode(tokenizer, context + continuation)
-    ctx = head + encode(tokenizer, context)
-    return ctx, whole[len(ctx):]
+    # asked only where needed: a tokenizer without BOS and EOS cannot start an empty context
+    start = prefix_token(tokenizer) if any(not context for context, _ in split) else None
+    out = []
+    for context, continuation in split:
+        if not context:
+            out.append(([start], list(ids[texts[continuation]])))
+            continue
+        ctx = ids[texts[context]]
+        out.append((head + ctx, ids[texts[context + continuation]][len(ctx):]))
+    return out
 
 
 @dataclass(frozen=True)
