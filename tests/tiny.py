@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -87,14 +87,26 @@ def is_tied(model) -> bool:
     return model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer with ids 0..255 for bytes plus <s>, </s>, <pad>, <unk>."""
+def byte_tokenizer(*, bos: bool = False, merges: tuple[tuple[str, str], ...] = ()) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with ids 0..255 for bytes plus <s>, </s>, <pad>, <unk>.
+
+    ``bos=True``: it puts <s> in front of text (Llama-2, Gemma) where special tokens are asked for.
+    ``merges``: text pairs merged into one token each, ids from 260 on (more than the tiny models'
+    vocabulary: for tokenizer tests), in order; no pre-tokenizer splits text, so a merge can join
+    the end of a context and the start of its continuation.
+    """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_of)
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     vocab.update({"<s>": 256, "</s>": 257, "<pad>": 258, "<unk>": 259})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    symbols = [tuple("".join(alphabet[b] for b in part.encode()) for part in pair) for pair in merges]
+    for left, right in symbols:
+        vocab.setdefault(left + right, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=symbols, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 256)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )

@@ -9,7 +9,7 @@ import torch
 from linearard.errors import UserError
 from linearard.evaluation.generation import greedy_generate
 from linearard.evaluation.harness import HarnessModel, lm_eval_model
-from linearard.evaluation.scoring import encode, encode_pair, prefix_token
+from linearard.evaluation.scoring import encode, encode_pairs, prefix_token
 from tiny import byte_tokenizer, tiny_model
 
 # A small local request set, in the harness's shapes.
@@ -40,7 +40,7 @@ def test_loglikelihood_matches_a_plain_forward(pair):
     out = hm.loglikelihood([req(c, t) for c, t in LOGLIKELIHOOD])
     assert len(out) == len(LOGLIKELIHOOD)
     for (context, continuation), (lp, greedy) in zip(LOGLIKELIHOOD, out):
-        ctx, cont = encode_pair(tok, context, continuation)
+        [(ctx, cont)] = encode_pairs(tok, [(context, continuation)])
         assert lp == pytest.approx(logprob(model, ctx + cont, len(ctx)), abs=1e-4)
         assert isinstance(greedy, bool)
 

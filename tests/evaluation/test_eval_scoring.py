@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from linearard.evaluation.generation import greedy_generate
-from linearard.evaluation.scoring import Request, encode, encode_pair, loglikelihoods, prefix_token, token_nlls
-from tiny import byte_tokenizer, tiny_model
+from linearard.evaluation.scoring import (
+    Request,
+    encode,
+    encode_pairs,
+    loglikelihoods,
+    pad_batch,
+    prefix_token,
+    token_nlls,
+)
+from tiny import VOCAB, byte_tokenizer, tiny_model
 
 
 def naive_logprobs(model, context, continuation):
@@ -48,6 +56,61 @@ def test_loglikelihoods_match_unbatched_forward(family):
         assert score.n_tokens == len(req.continuation)
 
 
+def benchmark_like_requests(rng, n_items=16):
+    """Items of every shape a batch meets: one-token answers after a shared question (no suffix row),
+    longer answers (a suffix row each, four of them: more than a small batch holds), contexts that
+    differ in their last tokens, and lone requests."""
+    requests, groups = [], []
+
+    def tokens(lo, hi):
+        return [rng.randrange(256) for _ in range(rng.randrange(lo, hi))]
+
+    for k in range(n_items):
+        question = tokens(2, 30)
+        if k % 4 == 0:  # MMLU
+            pairs = [(question, tokens(1, 2)) for _ in range(4)]
+        elif k % 4 == 1:  # HellaSwag
+            pairs = [(question, tokens(1, 8)) for _ in range(4)]
+        elif k % 4 == 2:  # Winogrande
+            rest = tokens(1, 6)
+            pairs = [(question + tokens(1, 3), rest) for _ in range(2)]
+        else:
+            pairs = [(question, tokens(1, 6))]
+        requests.extend(Request(c, t) for c, t in pairs)
+        groups.extend([k] * len(pairs))
+    return requests, groups
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_scores_do_not_depend_on_the_batch_size(family, monkeypatch):
+    model = tiny_model(family)
+    requests, groups = benchmark_like_requests(random.Random(5))
+    whole = loglikelihoods(model, requests, groups=groups, batch_size=1000)
+    # again with 3 rows a forward, the log-softmax taken over 3 positions at a time
+    monkeypatch.setattr("linearard.evaluation.scoring._PICK_ELEMENTS_CPU", 3 * VOCAB)
+    small = loglikelihoods(model, requests, groups=groups, batch_size=3)
+    for a, b in zip(small, whole):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert (a.is_greedy, a.n_tokens) == (b.is_greedy, b.n_tokens)
+
+
+def test_batch_size_caps_the_rows_of_each_forward():
+    model = tiny_model("llama")
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    rng = random.Random(6)
+    # 12 items of 4 one-token answers need no suffix forward: 4 items fill a batch of 4 rows
+    questions = [[rng.randrange(256) for _ in range(9)] for _ in range(12)]
+    one_token = [Request(q, [a]) for q in questions for a in range(4)]
+    loglikelihoods(model, one_token, groups=[i // 4 for i in range(48)], batch_size=4)
+    assert len(forwards) == 3
+    # with 2-token answers each item has 4 suffix rows: one item, two forwards, per batch of 4
+    forwards.clear()
+    two_tokens = [Request(r.context, [*r.continuation, 7]) for r in one_token]
+    loglikelihoods(model, two_tokens, groups=[i // 4 for i in range(48)], batch_size=4)
+    assert len(forwards) == 24
+
+
 def test_group_without_a_common_prefix():
     """Winogrande items with the blank first: the choices' contexts share no token."""
     model = tiny_model("llama")
@@ -78,6 +141,16 @@ def test_long_context_is_truncated_from_the_left():
     assert score.logprob == pytest.approx(float(lp.sum()), abs=1e-4)
 
 
+def test_pad_batch_pads_right_or_left():
+    ids, mask = pad_batch([[5, 6, 7], (8,), []])
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    ids, mask = pad_batch([[5, 6, 7], (8,), []], left=True)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+
+
 def test_token_nlls_whole_windows_and_last_tokens():
     model = tiny_model("qwen2")
     rng = random.Random(2)
@@ -90,15 +163,66 @@ def test_token_nlls_whole_windows_and_last_tokens():
         torch.testing.assert_close(t, f[-4:], atol=1e-5, rtol=0)
 
 
-def test_encode_pair_follows_the_harness_split():
+def test_encode_pairs_follows_the_harness_split():
     tok = byte_tokenizer()
-    ctx, cont = encode_pair(tok, "Question: why? ", "Answer")
+    [(ctx, cont), (empty, after_empty), (blank, after_blank)] = encode_pairs(
+        tok, [("Question: why? ", "Answer"), ("", "hello"), ("  ", "hello")])
     assert ctx == encode(tok, "Question: why?")
     assert cont == encode(tok, " Answer")  # the trailing space moved to the continuation
-    ctx, cont = encode_pair(tok, "", "hello")
-    assert ctx == [prefix_token(tok)] and cont == encode(tok, "hello")
-    ctx, cont = encode_pair(tok, "  ", "hello")
-    assert ctx == [prefix_token(tok)] and cont == encode(tok, "  hello")
+    assert empty == [prefix_token(tok)] and after_empty == encode(tok, "hello")
+    assert blank == [prefix_token(tok)] and after_blank == encode(tok, "  hello")
+    assert encode_pairs(tok, []) == []
+
+
+def harness_split(tok, context, continuation):
+    """One pair split as lm-evaluation-harness splits it: the context and the whole text each encoded
+    with the tokenizer's own special tokens, the continuation being what follows the context."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    if not stripped:
+        return [prefix_token(tok)], tok(continuation, add_special_tokens=False)["input_ids"]
+    ctx = tok(stripped)["input_ids"]
+    return ctx, tok(stripped + continuation)["input_ids"][len(ctx):]
+
+
+class CountingTokenizer:
+    """A tokenizer that records the text (or list of texts) of every call."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, []
+
+    def __call__(self, text, **kwargs):
+        self.calls.append(text)
+        return self.tok(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+SPLIT_CASES = [
+    ("Question: why?", " Answer"), ("Question: why?", " Because"), ("Question: why?", "?"),  # one item
+    ("Question: why? ", "Answer"), ("Question: why?\n\n", "Answer"),  # trailing spaces move over
+    ("", "hello"), ("  ", "hello"), ("", "hello"), ("", " "),  # empty contexts
+    ("The cup fell so Tom", " picked it up."), ("The cup fell so Ann", " picked it up."),  # Winogrande
+    ("Question: why?", " Answer"),  # a pair seen before
+]
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_encode_pairs_equals_the_harness_split_of_each_pair(bos):
+    # "? " and "? A" merge, so the continuation " Answer" loses tokens to the context's last one, as
+    # in the harness: the continuation is whatever follows the context's tokens in the whole text.
+    tok = byte_tokenizer(bos=bos, merges=(("?", " "), ("? ", "A")))
+    assert (tok("a")["input_ids"][0] == tok.bos_token_id) == bos
+    counting = CountingTokenizer(tok)
+    got = encode_pairs(counting, SPLIT_CASES)
+    assert got == [harness_split(tok, *pair) for pair in SPLIT_CASES]
+    assert got[0][1] != encode(tok, " Answer")  # the merge across the boundary happened
+    assert (got[0][0][0] == tok.bos_token_id) == bos
+    # one batch call, each distinct text once, and at most one more call (whether BOS comes first)
+    [texts] = [c for c in counting.calls if isinstance(c, list)]
+    assert len(texts) == len(set(texts)) and texts.count("Question: why?") == 1
+    assert len(counting.calls) <= 2
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

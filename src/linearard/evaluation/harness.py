@@ -19,7 +19,7 @@ from linearard.evaluation.scoring import (
     Request,
     bos_prefix,
     encode,
-    encode_pair,
+    encode_pairs,
     loglikelihoods,
     prefix_token,
     supported_length,
@@ -54,7 +54,7 @@ class HarnessModel:
 
     def loglikelihood(self, requests: Sequence) -> list[tuple[float, bool]]:
         """Log-probability of each continuation given its context, and whether it is the greedy one."""
-        pairs = [encode_pair(self.tokenizer, *req.args) for req in requests]
+        pairs = encode_pairs(self.tokenizer, [req.args for req in requests])
         scores = loglikelihoods(self.model, [Request(c, t) for c, t in pairs],
                                 batch_size=self.batch_size, max_length=self.max_length)
         return [(s.logprob, s.is_greedy) for s in scores]
@@ -97,10 +97,11 @@ class HarnessModel:
             batches.setdefault((until, int(kwargs.get("max_gen_toks", 256))), []).append(k)
         stops = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         results = [""] * len(requests)
+        head = bos_prefix(self.tokenizer)
         for (until, max_new), members in batches.items():
             prompts = []
             for k in members:
-                prompt = bos_prefix(self.tokenizer) + encode(self.tokenizer, requests[k].args[0])
+                prompt = head + encode(self.tokenizer, requests[k].args[0])
                 prompts.append(prompt[-max(1, self.max_length - max_new):])
 
             def reached_stop(tokens: list[int], until=until) -> bool:

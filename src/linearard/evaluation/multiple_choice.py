@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from linearard.evaluation.benchmark_data import BENCHMARKS, Item, load_items, subset
-from linearard.evaluation.scoring import Request, encode_pair, loglikelihoods
+from linearard.evaluation.scoring import Request, encode_pairs, loglikelihoods
 from linearard.evaluation.stats import mean_cell, perplexity_cell, task_result
 
 
@@ -48,11 +48,9 @@ def multiple_choice(
     spec = BENCHMARKS[benchmark]
     pool = list(items) if items is not None else load_items(benchmark)
     chosen = [pool[i] for i in subset(len(pool), limit, seed)]
-    requests, groups = [], []
-    for k, item in enumerate(chosen):
-        for context, continuation in zip(item.contexts, item.continuations):
-            requests.append(Request(*encode_pair(tokenizer, context, continuation)))
-            groups.append(k)
+    pairs = [pair for item in chosen for pair in zip(item.contexts, item.continuations)]
+    groups = [k for k, item in enumerate(chosen) for _ in item.continuations]
+    requests = [Request(ctx, cont) for ctx, cont in encode_pairs(tokenizer, pairs)]
     scores = loglikelihoods(model, requests, groups=groups, batch_size=batch_size)
 
     per_item: dict[str, list[float]] = {m: [] for m in spec.metrics}

@@ -9,7 +9,7 @@ Two primitives serve every task:
 - :func:`token_nlls` returns the per-token negative log-likelihood of whole windows (perplexity),
   optionally of their last tokens only.
 
-Tokens are plain ``list[int]``; :func:`encode_pair` turns text into them with the harness's rules.
+Tokens are plain ``list[int]``; :func:`encode_pairs` turns text into them with the harness's rules.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import torch
@@ -24,9 +25,11 @@ import torch
 # Log-softmax over the vocabulary is done on at most this many positions at a time, in float32,
 # so a 32K-token window of a 49K-word vocabulary never needs a 6 GB temporary.
 _LOGPROB_CHUNK = 2048
-# Continuation tokens are scored this many at a time: small enough for the log-softmax to stay in
-# a CPU's cache, large enough that a GPU does a batch's requests in a launch or two.
-_PICK_CHUNK = 256
+# Continuation tokens are scored from logit rows log-softmaxed this many entries at a time: on a CPU
+# 8 MB of float32, which stays in its cache (twice as fast as 50 MB), on a GPU enough for a batch's
+# requests in a few launches.
+_PICK_ELEMENTS_CPU = 1 << 21
+_PICK_ELEMENTS = 1 << 24
 
 
 def supported_length(model) -> int:
@@ -47,14 +50,14 @@ def model_device(model) -> torch.device:
 def pad_batch(seqs: Sequence[Sequence[int]], *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Token id lists as ``(ids, mask)``, each ``[len(seqs), longest]`` long on the CPU; padding (id 0,
     mask 0) goes on the right, or on the left with ``left=True``."""
-    width = max(len(s) for s in seqs)
+    lengths = torch.tensor([len(s) for s in seqs])
+    width = int(lengths.max())
+    cols = torch.arange(width)
+    real = cols >= width - lengths[:, None] if left else cols < lengths[:, None]
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        cols = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[r, cols] = torch.tensor(list(s), dtype=torch.long)
-        mask[r, cols] = 1
-    return ids, mask
+    # one tensor for the whole batch, not one per row: a mask fills in row-major order
+    ids[real] = torch.tensor(list(chain.from_iterable(seqs)), dtype=torch.long)
+    return ids, real.long()
 
 
 def forward(model, input_ids, attention_mask, position_ids=None, *, cache=None, use_cache=False,
@@ -117,25 +120,45 @@ def prefix_token(tokenizer) -> int:
     return int(tok)
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Context and continuation token ids, split the way lm-evaluation-harness splits them.
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """Context and continuation token ids of each ``(context, continuation)``, split the way
+    lm-evaluation-harness splits them.
 
     Trailing spaces of the context move to the continuation; the pair is encoded as one string and
     the continuation is what follows the separately encoded context, so the continuation tokens are
-    those a model would see when reading the whole text. An empty context becomes the prefix token.
+    those a model would see when reading the whole text. An empty context becomes the prefix token;
+    a tokenizer that puts BOS in front of text puts it in front of every context.
+
+    The texts go to the tokenizer in one batch call, each distinct text once: the choices of a
+    multiple-choice item share their context, so it is encoded once, not once per choice.
 
     Example:
-        >>> ctx, cont = encode_pair(tok, "Question: 2+2?\\nAnswer:", " 4")
+        >>> question = "Question: 2+2?\\nAnswer:"
+        >>> [(ctx, four), (_, five)] = encode_pairs(tok, [(question, " 4"), (question, " 5")])
     """
-    stripped = context.rstrip()
-    continuation = context[len(stripped):] + continuation
-    context = stripped
-    if not context:
-        return [prefix_token(tokenizer)], encode(tokenizer, continuation)
+    if not pairs:
+        return []
+    split = []
+    for context, continuation in pairs:
+        stripped = context.rstrip()
+        split.append((stripped, context[len(stripped):] + continuation))
+    # What to encode: the context and the whole text, or the continuation alone after an empty context.
+    texts: dict[str, int] = {}
+    for context, continuation in split:
+        for text in ((context, context + continuation) if context else (continuation,)):
+            texts.setdefault(text, len(texts))
+    ids = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
     head = bos_prefix(tokenizer)
-    whole = head + encode(tokenizer, context + continuation)
-    ctx = head + encode(tokenizer, context)
-    return ctx, whole[len(ctx):]
+    # asked only where needed: a tokenizer without BOS and EOS cannot start an empty context
+    start = prefix_token(tokenizer) if any(not context for context, _ in split) else None
+    out = []
+    for context, continuation in split:
+        if not context:
+            out.append(([start], list(ids[texts[continuation]])))
+            continue
+        ctx = ids[texts[context]]
+        out.append((head + ctx, ids[texts[context + continuation]][len(ctx):]))
+    return out
 
 
 @dataclass(frozen=True)
@@ -162,6 +185,23 @@ class _Item:
     ctx_len: int
 
 
+@dataclass
+class _Group:
+    """Requests computed from one row of the prefix forward."""
+
+    items: list[_Item]
+    shared: int  # tokens of that row: the common prefix, never past the shortest context
+    keep: int  # prefix logits needed, from the position before the earliest continuation token on
+    suffix_rows: int  # requests with tokens after the shared prefix: one suffix forward row each
+
+    @classmethod
+    def of(cls, items: list[_Item]) -> _Group:
+        ctx_len = min(it.ctx_len for it in items)
+        # A lone request is computed in one pass: everything but its last token.
+        shared = len(items[0].seq) - 1 if len(items) == 1 else _common_prefix(items, ctx_len)
+        return cls(items, shared, shared - ctx_len + 1, sum(len(it.seq) - 1 > shared for it in items))
+
+
 @torch.no_grad()
 def loglikelihoods(
     model,
@@ -176,7 +216,8 @@ def loglikelihoods(
     Args:
         model: a causal LM (transformers ``*ForCausalLM``), in eval mode.
         requests: what to score. Contexts longer than `max_length` lose tokens from the left.
-        batch_size: the most sequences in one forward pass.
+        batch_size: the most rows in one forward pass: shared prefixes in the first pass of a batch,
+            requests with tokens after their group's shared prefix in the second.
         groups: one hashable key per request (e.g. the item id of a multiple-choice question); the
             longest token prefix common to a group's sequences is computed once. Default: requests
             with identical contexts form a group.
@@ -202,100 +243,116 @@ def loglikelihoods(
         seq = (list(req.context) + list(req.continuation))[-(max_length + 1):]
         by_group.setdefault(key, []).append(_Item(i, seq, len(seq) - len(req.continuation)))
 
-    shareable = []
+    shareable: list[_Group] = []
     for items in by_group.values():
-        if len(items) > 1 and _common_prefix(items) == 0:
-            shareable.extend([it] for it in items)  # nothing in common: score them one by one
+        group = _Group.of(items)
+        if group.shared == 0:  # nothing in common: score them one by one
+            shareable.extend(_Group.of([it]) for it in items)
         else:
-            shareable.append(items)
+            shareable.append(group)
     # Longest prefixes first, so a batch holds similar lengths and little padding.
-    ordered = sorted(shareable, key=lambda items: -max(len(it.seq) for it in items))
+    ordered = sorted(shareable, key=lambda g: -max(len(it.seq) for it in g.items))
+    # Each of a batch's two forwards has at most batch_size rows (a group with more suffix rows than
+    # that goes alone), so items whose answers are one token, which need no suffix row, fill the
+    # prefix forward batch_size at a time. Memory: the logits are [rows, n_keep, V] and [rows, suffix
+    # width, V], so a batch holds at most batch_size * (n_keep + suffix width) * V of them: at most
+    # twice the batch_size * max(n_keep, suffix width) * V that one forward of batch_size requests
+    # could reach when every request counted against the cap. The KV cache has as many rows.
     results: list[Score | None] = [None] * len(requests)
-    batch: list[list[_Item]] = []
-    for items in ordered:
-        if batch and sum(len(g) for g in batch) + len(items) > batch_size:
+    batch: list[_Group] = []
+    suffix_rows = 0
+    for group in ordered:
+        if batch and (len(batch) == batch_size or suffix_rows + group.suffix_rows > batch_size):
             _score_batch(model, batch, results)
-            batch = []
-        batch.append(items)
+            batch, suffix_rows = [], 0
+        batch.append(group)
+        suffix_rows += group.suffix_rows
     if batch:
         _score_batch(model, batch, results)
     return results  # type: ignore[return-value]
 
 
-def _shared_length(items: list[_Item]) -> int:
-    """Tokens of the group computed once: the common prefix, never past the shortest context.
-
-    A lone request is computed in one pass: everything but its last token.
-    """
-    if len(items) == 1:
-        return len(items[0].seq) - 1
-    return min(_common_prefix(items), min(it.ctx_len for it in items))
-
-
-def _common_prefix(items: list[_Item]) -> int:
+def _common_prefix(items: list[_Item], limit: int) -> int:
+    """How many leading tokens the items' sequences all share, at most `limit`."""
     first = items[0].seq
-    common = min(len(it.seq) for it in items)
+    common = min(limit, *(len(it.seq) for it in items))
     for it in items[1:]:
-        n = 0
-        while n < common and it.seq[n] == first[n]:
-            n += 1
-        common = n
+        seq = it.seq
+        if seq[:common] != first[:common]:  # compared at C speed; searched only where they differ
+            common = next(n for n in range(common) if seq[n] != first[n])
     return common
 
 
-def _score_batch(model, groups: list[list[_Item]], results: list[Score | None]) -> None:
+def _score_batch(model, groups: list[_Group], results: list[Score | None]) -> None:
     device = model_device(model)
-    shared = [_shared_length(items) for items in groups]
-    # Prefix logits needed from the position before the earliest continuation token onwards.
-    keep = [p - min(it.ctx_len for it in items) + 1 for p, items in zip(shared, groups)]
-    ids, mask = pad_batch([items[0].seq[:p] for p, items in zip(shared, groups)], left=True)
+    n_keep = max(1, *(g.keep for g in groups))  # logits_to_keep=0 would keep every position
+    ids, mask = pad_batch([g.items[0].seq[:g.shared] for g in groups], left=True)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    n_keep = max(keep)
     # Requests with tokens left after the shared prefix continue from a copy of the prefix cache.
-    rows = [(g, it) for g, items in enumerate(groups) for it in items if len(it.seq) - 1 > shared[g]]
+    rows = [(g, it) for g, group in enumerate(groups) for it in group.items if len(it.seq) - 1 > group.shared]
     # prefix_logits: [G, n_keep, V]; its last column is position p - 1 of every row
     prefix_logits, cache = forward(model, ids, mask, positions, use_cache=bool(rows), logits_to_keep=n_keep)
-    suffix_logits = None
+    suffix_logits, tail = None, 0
     if rows:
-        s_ids, s_mask = pad_batch([it.seq[shared[g]:-1] for g, it in rows])
+        s_ids, s_mask = pad_batch([it.seq[groups[g].shared:-1] for g, it in rows])
         tail = s_ids.shape[1]
         select = torch.tensor([g for g, _ in rows], device=device)
         cache.reorder_cache(select)
-        start = torch.tensor([shared[g] for g, _ in rows], device=device)
+        start = torch.tensor([groups[g].shared for g, _ in rows], device=device)
         s_pos = start[:, None] + torch.arange(tail, device=device)[None, :]
         full_mask = torch.cat([mask.index_select(0, select), s_mask.to(device)], dim=1)
         suffix_logits, _ = forward(model, s_ids.to(device), full_mask, s_pos, cache=cache, use_cache=True)
-    row_of = {id(it): r for r, (_, it) in enumerate(rows)}
+    suffix_row = {id(it): r for r, (_, it) in enumerate(rows)}
 
-    # Each continuation token, by where the logits predicting it sit: (flat row, target, request).
-    # Logits at position q predict token q + 1; continuation tokens sit at ctx_len..len-1.
-    flat_prefix, flat_suffix = [], []
-    batch_items: list[_Item] = []
-    for g, items in enumerate(groups):
-        p = shared[g]
-        for it in items:
-            k = len(batch_items)
-            batch_items.append(it)
-            for q in range(it.ctx_len - 1, len(it.seq) - 1):
-                if q < p:
-                    flat_prefix.append((g * n_keep + n_keep - p + q, it.seq[q + 1], k))
-                else:
-                    flat_suffix.append((row_of[id(it)] * suffix_logits.shape[1] + q - p, it.seq[q + 1], k))
-    logprob = torch.zeros(len(batch_items), dtype=torch.float32, device=device)
-    misses = torch.zeros(len(batch_items), dtype=torch.long, device=device)
-    for logits, picks in ((prefix_logits, flat_prefix), (suffix_logits, flat_suffix)):
-        if not picks:
-            continue
-        flat = logits.reshape(-1, logits.shape[-1])
-        for c in range(0, len(picks), _PICK_CHUNK):
-            where, target, request = torch.tensor(picks[c:c + _PICK_CHUNK], device=device).unbind(-1)
-            logp = torch.log_softmax(flat.index_select(0, where).float(), dim=-1)
-            logprob.index_add_(0, request, logp.gather(-1, target[:, None]).squeeze(-1))
-            misses.index_add_(0, request, (logp.argmax(-1) != target).long())
+    # Each continuation token, by where the logits predicting it sit, computed on the CPU with a few
+    # tensor operations per batch rather than Python per token. Logits at position q predict token
+    # q + 1; request k's continuation tokens sit at ctx_len..len-1, its shared prefix p at 0..p-1.
+    items = [it for group in groups for it in group.items]
+    per_request = torch.tensor([(g, group.shared, it.ctx_len, len(it.seq) - it.ctx_len, suffix_row.get(id(it), 0))
+                                for g, group in enumerate(groups) for it in group.items])
+    group_of, shared, ctx_len, n_cont, row = per_request.unbind(-1)
+    request = torch.repeat_interleave(torch.arange(len(items)), n_cont)
+    q = (ctx_len - 1 - (n_cont.cumsum(0) - n_cont))[request] + torch.arange(len(request))
+    p = shared[request]
+    in_prefix = q < p
+    where = torch.where(in_prefix, group_of[request] * n_keep + n_keep - p + q, row[request] * tail + q - p)
+    target = torch.tensor(list(chain.from_iterable(it.seq[it.ctx_len:] for it in items)))
+    logprob = torch.zeros(len(items), dtype=torch.float32, device=device)
+    misses = torch.zeros(len(items), dtype=torch.long, device=device)
+    for logits, chosen in ((prefix_logits, in_prefix), (suffix_logits, ~in_prefix)):
+        if chosen.any():
+            _add_picks(logits, where[chosen], target[chosen], request[chosen], logprob, misses)
     # one transfer per batch, not one per request
-    for it, lp, miss in zip(batch_items, logprob.tolist(), misses.tolist()):
+    for it, lp, miss in zip(items, logprob.tolist(), misses.tolist()):
         results[it.index] = Score(lp, miss == 0, len(it.seq) - it.ctx_len)
+
+
+def _add_picks(logits: torch.Tensor, where: torch.Tensor, target: torch.Tensor, request: torch.Tensor,
+               logprob: torch.Tensor, misses: torch.Tensor) -> None:
+    """Add ``log p(target)`` at each flat position `where` of `logits` to ``logprob[request]``, and
+    count in ``misses[request]`` the positions whose argmax is not the target.
+
+    The choices of an item predict their first token from one position: each position's log-softmax
+    is computed once, a chunk of positions at a time (the picks sorted by position, so a chunk's
+    picks are contiguous). `where`, `target`, `request` are on the CPU.
+    """
+    device = logits.device
+    flat = logits.reshape(-1, logits.shape[-1])
+    chunk = max(1, (_PICK_ELEMENTS_CPU if device.type == "cpu" else _PICK_ELEMENTS) // flat.shape[-1])
+    positions, slot = torch.unique(where, return_inverse=True)
+    order = torch.argsort(slot, stable=True)
+    slot = slot[order]
+    ends = torch.searchsorted(slot, torch.arange(chunk, len(positions) + chunk, chunk)).tolist()
+    positions = positions.to(device)
+    slot, target, request = torch.stack([slot, target[order], request[order]]).to(device)
+    lo = 0
+    for c, hi in zip(range(0, len(positions), chunk), ends):
+        logp = torch.log_softmax(flat.index_select(0, positions[c:c + chunk]).float(), dim=-1)
+        rows, tgt, req = slot[lo:hi] - c, target[lo:hi], request[lo:hi]
+        logprob.index_add_(0, req, logp[rows, tgt])
+        misses.index_add_(0, req, (logp.argmax(-1)[rows] != tgt).long())
+        lo = hi
 
 
 @torch.no_grad()
