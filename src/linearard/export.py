@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 from linearard.errors import UserError
-from linearard.models.adapters import adapter_state_dict, merged_state_dict, unwrap
+from linearard.models.adapters import adapter_state_dict, merged_state_dict, transformers_model, unwrap
 from linearard.models.rope import SCALED_LAYER_TYPE, RopeScaling, legacy_rope_fields, rotary_dim, scaled_config
 from linearard.outputs import check_output, clear_own, describe_os_error, mark
 
@@ -119,7 +119,7 @@ def _merged_model(model: torch.nn.Module, config: Any, dtype: torch.dtype | None
     own; its non-persistent buffers (rotary frequencies) stay unmaterialised: it is for saving."""
     state = merged_state_dict(model, dtype)
     config.dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = transformers_model(model)
     with torch.device("meta"):
         merged = type(inner)(config)
     merged.load_state_dict(state, assign=True)

@@ -162,9 +162,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
         >>> plain = AutoModelForCausalLM.from_config(model.config)  # doctest: +SKIP
         >>> plain.load_state_dict(merged_state_dict(model, torch.bfloat16))  # doctest: +SKIP
     """
-    model = unwrap(model)
-    if hasattr(model, "get_base_model"):  # peft: the transformers model, its LoRA layers in place
-        model = model.get_base_model()
+    model = transformers_model(model)
     if dtype is None:
         frozen = [p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
         dtype = frozen[0] if frozen else next(model.parameters()).dtype
@@ -185,6 +183,13 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model under `model`'s wrappers (data-parallel, ``torch.compile``, peft's
+    ``PeftModel``), its adapter layers in place."""
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _add_merged(
