@@ -287,6 +287,20 @@ def test_a_study_kept_without_its_weights_is_still_finished(workspace, study_cop
     assert "7 already finished, 0 to do" in capsys.readouterr().out
 
 
+def test_a_rerun_with_other_evaluation_batch_sizes_redoes_nothing(workspace, study_copy, monkeypatch, capsys):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished run was redone")
+
+    monkeypatch.setattr(loop, "restore", forbidden)
+    monkeypatch.setattr(evaluation, "evaluate", forbidden)
+    # batch sizes set how fast the numbers come, not what they are: the earlier evaluations count
+    assert main(study_args(workspace, study_copy, "--eval-batch-size", "3", "--eval-set", "max_batch_tokens=512")) == 0
+    assert "7 already finished, 0 to do" in capsys.readouterr().out
+    meta = json.loads((study_copy / "results.json").read_text())["study"]
+    assert (meta["eval_settings"]["batch_size"], meta["eval_settings"]["max_batch_tokens"]) == (3, 512)  # as used
+    assert not {"batch_size", "max_batch_tokens"} & set(meta["eval_fingerprint"]["settings"])
+
+
 def test_rerun_redoes_only_what_is_missing(workspace, study_copy, monkeypatch):
     real_restore, real_evaluate = loop.restore, evaluation.evaluate
     trained, evaluated = [], []
@@ -440,6 +454,60 @@ def test_the_sweep_picks_each_arms_best_rate_and_waits_until_it_can(workspace, t
     assert read_json(ard_sweep[0].record_path)["evaluation"]["entry"]
 
 
+def test_an_earlier_evaluation_counts_whatever_its_batch_sizes_but_not_other_settings(workspace, tmp_path):
+    from dataclasses import asdict, replace
+
+    from linearard.study.runner import Study, write_json
+
+    args = study_args(workspace, tmp_path / "s", "--arms", "native,ard", "--lr-sweep", "1e-4,1e-3",
+                      "--sweep-tokens", "128")
+    study = Study(settings_from_args(build_parser().parse_args(args)), log=lambda _: None)
+    study.plan()
+    used = study.s.eval_settings
+
+    def old_style(run, **changes):
+        """The fingerprint as written before batch sizes left it: every setting, batch sizes included."""
+        return {**study.fingerprint(run), "settings": json.loads(json.dumps(asdict(replace(used, **changes))))}
+
+    def finish(run, fingerprint, kl=0.2):
+        rec = {"evaluation": {"fingerprint": fingerprint, "entry": {"tasks": {"agreement": {"metrics": {
+            "kl": {"value": kl, "stderr": 0.01}, "top1": {"value": 0.5}}}}}}}
+        if run.arm.trains:
+            rec.update(config=run.config.to_dict(), training={"tokens": run.config.max_tokens})
+        else:
+            rec["model"] = run.spec
+        write_json(run.record_path, rec)
+
+    native = study.reference
+    other_batches = dict(batch_size=used.batch_size + 1, max_batch_tokens=used.max_batch_tokens * 2)
+    for fingerprint in (study.fingerprint(native), old_style(native), old_style(native, **other_batches)):
+        finish(native, fingerprint)
+        assert study.status(native) == "done"
+    new_style = study.fingerprint(native)
+    assert "batch_size" not in new_style["settings"]
+    for fingerprint in (old_style(native, samples=used.samples + 1, **other_batches),
+                        {**new_style, "settings": {**new_style["settings"], "limit": 7}}):
+        finish(native, fingerprint)
+        assert study.status(native) == "evaluate"
+
+    # the sweep's runs: evaluated with other batch sizes, they are done and the sweep picks its rate
+    low, high = study.sweep_of("ard")
+    finish(low, old_style(low, **other_batches), kl=0.3)
+    finish(high, old_style(high, batch_size=1), kl=0.2)
+    assert (study.status(low), study.status(high)) == ("done", "done")
+    assert study.chosen_lr("ard") == (1e-3, "")
+    finish(high, old_style(high, samples=used.samples + 1), kl=0.2)
+    assert study.status(high) == "train" and "waits for the learning-rate sweep" in study.chosen_lr("ard")[1]
+    finish(high, old_style(high, max_batch_tokens=64), kl=0.2)
+
+    ard = {r.label: r for r in study.plan()}["ard"]
+    assert not ard.pending and ard.config.lr == 1e-3
+    finish(ard, old_style(ard, **other_batches))
+    assert study.status(ard) == "done"
+    finish(ard, old_style(ard, limit=7, **other_batches))
+    assert study.status(ard) == "train"  # neither export nor checkpoint here: evaluated elsewise, it trains again
+
+
 def test_a_sweep_study_trains_the_best_rate_and_reports_the_sweep(workspace, tmp_path, monkeypatch):
     real_restore = loop.restore
 
@@ -521,6 +589,43 @@ def test_merging_job_folders_gives_one_report_and_refuses_disagreeing_ones(
     assert f"arm ard is in both {arms} and {twin}" in capsys.readouterr().err
     assert main(["study", "--merge", str(ref), str(tmp_path), "--output", str(tmp_path / "bad")]) == 2
     assert "is not a study folder" in capsys.readouterr().err
+
+
+def test_jobs_that_differ_only_in_evaluation_batch_sizes_merge(workspace, finished_study, tmp_path, monkeypatch,
+                                                                capsys):
+    from linearard.study.merge import check_agreement
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished run was redone")
+
+    monkeypatch.setattr(loop, "restore", forbidden)
+    monkeypatch.setattr(evaluation, "evaluate", forbidden)
+    ref = _job(workspace, finished_study, tmp_path / "ref", "native,scaled")
+    arms = _job(workspace, finished_study, tmp_path / "arms", "ard,cpt", "--no-reference",
+                "--eval-batch-size", "3", "--eval-set", "max_batch_tokens=512")
+    metas = [json.loads((folder / "results.json").read_text())["study"] for folder in (ref, arms)]
+    assert metas[0]["eval_settings"]["batch_size"] != metas[1]["eval_settings"]["batch_size"] == 3
+    assert metas[0]["eval_settings"]["max_batch_tokens"] != metas[1]["eval_settings"]["max_batch_tokens"] == 512
+    check_agreement([ref, arms], metas)
+    merged = tmp_path / "all"
+    assert main(["study", "--merge", str(ref), str(arms), "--output", str(merged)]) == 0
+    results = json.loads((merged / "results.json").read_text())
+    assert [a["name"] for a in results["arms"] if a["finished"]] == ["native", "scaled", "ard", "cpt"]
+    original = json.loads((finished_study / "results.json").read_text())["evaluation"]["models"]
+    for label in ("native", "ard", "cpt"):
+        assert results["evaluation"]["models"][label]["tasks"] == original[label]["tasks"]
+    capsys.readouterr()
+
+    # a setting that decides the numbers still refuses the merge, in one line naming it
+    limit = metas[0]["eval_settings"]["limit"]
+    metas[1]["eval_settings"]["limit"] = 7
+    with pytest.raises(UserError, match="cannot merge: evaluation limit differs"):
+        check_agreement([ref, arms], metas)
+    (arms / "results.json").write_text(json.dumps({**json.loads((arms / "results.json").read_text()),
+                                                   "study": metas[1]}))
+    assert main(["study", "--merge", str(ref), str(arms), "--output", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"linearard study: error: cannot merge: evaluation limit differs: {limit!r} in {ref}, 7 in {arms}"]
 
 
 def test_a_merge_without_the_reference_evaluates_it_once(workspace, finished_study, tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ small enough to finish in minutes for a 135M-parameter model. Every field can be
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 
 @dataclass(frozen=True)
@@ -15,9 +15,10 @@ class EvalSettings:
         "help": "items per benchmark, a fixed random subset (None: the full evaluation split)"})
     seed: int = field(default=0, metadata={
         "help": "seed of benchmark subsets and of the synthetic long-context prompts"})
-    batch_size: int = field(default=64, metadata={"help": "sequences per forward pass on short tasks"})
+    batch_size: int = field(default=64, metadata={"help": "sequences per forward pass on short tasks",
+                                                  "speed_only": True})
     max_batch_tokens: int = field(default=32768, metadata={
-        "help": "windows and long-context prompts are batched up to about this many tokens"})
+        "help": "windows and long-context prompts are batched up to about this many tokens", "speed_only": True})
     ppl_lengths: tuple[int, ...] = field(default=(256, 1024, 4096), metadata={
         "help": "window lengths of the held-out perplexity (ppl)"})
     ppl_tokens: int | None = field(default=None, metadata={
@@ -70,6 +71,18 @@ _CPU = EvalSettings(
 )
 
 
+def measured(settings: EvalSettings | dict) -> dict:
+    """The settings that decide the numbers, as a dict: every field but those that only set how fast
+    they are computed (batch sizes). Accepts a dict as read back from a results file.
+
+    Example:
+        >>> "batch_size" in measured(EvalSettings())
+        False
+    """
+    values = asdict(settings) if isinstance(settings, EvalSettings) else dict(settings)
+    return {k: v for k, v in values.items() if k not in _SPEED_ONLY}
+
+
 def device_defaults(name: str) -> str:
     """How setting `name` defaults on each kind of device, for help texts.
 
@@ -84,3 +97,6 @@ def device_defaults(name: str) -> str:
         return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
     return f"{show(getattr(_CPU, name))} on CPU, {show(getattr(EvalSettings(), name))} on GPU"
+
+
+_SPEED_ONLY = frozenset(f.name for f in fields(EvalSettings) if f.metadata.get("speed_only"))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from linearard.errors import UserError
+from linearard.evaluation.settings import measured
 from linearard.study.runner import REFERENCE, Run, Study, read_json
 
 # Restore settings that may differ between jobs: where and how a job ran, not what it computed.
@@ -88,7 +89,7 @@ def _settings(meta: dict[str, Any]) -> dict[str, Any]:
     for key, value in (meta.get("restore_settings") or {}).items():
         if key not in _BOOKKEEPING:
             out[key] = value
-    for key, value in (meta.get("eval_settings") or {}).items():
+    for key, value in measured(meta.get("eval_settings") or {}).items():
         out[f"evaluation {key}"] = value
     return out
 

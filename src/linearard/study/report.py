@@ -20,6 +20,8 @@ seeds (the spread); an arm with one seed keeps its evaluation's standard error.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import platform
 import re
@@ -534,7 +536,7 @@ def _study_meta(study: Study, unfinished: list[str]) -> dict[str, Any]:
         # What every trained arm shares; the arm-specific settings are in each run's record.
         "restore_settings": {k: v for k, v in s.base.to_dict().items() if k not in PER_RUN_SETTINGS},
         "tasks": s.tasks,
-        "eval_settings": study.fingerprint()["settings"],
+        "eval_settings": json.loads(json.dumps(dataclasses.asdict(s.eval_settings))),  # as used, batch sizes too
         "eval_fingerprint": study.fingerprint(),
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})",
         "gpu_seconds": gpu_seconds,

@@ -49,7 +49,7 @@ import torch
 
 from linearard.config import RestoreConfig
 from linearard.errors import UserError
-from linearard.evaluation.settings import EvalSettings
+from linearard.evaluation.settings import EvalSettings, measured
 from linearard.files import write_atomic
 from linearard.models.load import free_memory
 from linearard.models.rope import RopeScaling
@@ -307,11 +307,10 @@ class Study:
             record = read_json(run.record_path)
             if record.get("failed"):
                 continue
-            evaluation = record.get("evaluation") or {}
-            if evaluation.get("fingerprint") != self.fingerprint(run):
+            if not self.evaluated(run, record):
                 waiting.append(run.label)
                 continue
-            kl = evaluation["entry"]["tasks"]["agreement"]["metrics"]["kl"]["value"]
+            kl = record["evaluation"]["entry"]["tasks"]["agreement"]["metrics"]["kl"]["value"]
             if kl is not None and (best is None or kl < best[0]):
                 best = (kl, run.sweep_lr)
         if waiting:
@@ -336,14 +335,22 @@ class Study:
         run.pending = False
 
     def fingerprint(self, run: Run | None = None) -> dict[str, Any]:
-        """What must match for an earlier evaluation to count: tasks, settings, device type (and, for a
-        sweep run, its validation text)."""
+        """What must match for an earlier evaluation to count: tasks, the settings that decide the
+        numbers (batch sizes do not), device type (and, for a sweep run, its validation text)."""
         device = self.s.eval_device or ("cuda" if torch.cuda.is_available() else "cpu")
-        value = {"tasks": self.s.tasks, "settings": dataclasses.asdict(self.s.eval_settings),
+        value = {"tasks": self.s.tasks, "settings": measured(self.s.eval_settings),
                  "device": torch.device(device).type}
         if run is not None and run.is_sweep:
             value.update(tasks=["agreement"], texts=sorted(SWEEP_TEXTS))
         return json.loads(json.dumps(value))  # tuples -> lists, as read back from a file
+
+    def evaluated(self, run: Run, record: dict[str, Any]) -> bool:
+        """Whether `record` (the run's results.json) holds an evaluation with this study's fingerprint."""
+        recorded = (record.get("evaluation") or {}).get("fingerprint")
+        if not recorded:
+            return False
+        # records written before batch sizes left the fingerprint still carry them
+        return {**recorded, "settings": measured(recorded.get("settings") or {})} == self.fingerprint(run)
 
     def status(self, run: Run) -> str:
         """``done``, ``evaluate`` (trained, not evaluated), ``resume`` (checkpoints, no export), ``train``,
@@ -361,8 +368,7 @@ class Study:
             self._check_same_settings(run, record)
         if run.is_sweep and record.get("failed"):
             return "failed"
-        evaluated = (record.get("evaluation") or {}).get("fingerprint") == self.fingerprint(run)
-        if evaluated and (not run.arm.trains or "training" in record):
+        if self.evaluated(run, record) and (not run.arm.trains or "training" in record):
             return "done"  # its numbers are recorded: the weights are no longer needed (and may be gone)
         if not run.arm.trains or ("training" in record and (run.folder / EXPORT / "config.json").exists()):
             return "evaluate"
