@@ -682,6 +682,30 @@ def test_the_scheduler_keeps_each_device_to_one_run_and_sweeps_before_their_arms
                                                                                        "ard lr=0.001 (sweep)"]
 
 
+def test_the_scheduler_spreads_runs_over_gpus_before_sharing_one():
+    import threading
+    from collections import Counter
+
+    from linearard.study.parallel import Job, schedule
+
+    devices, lock = {}, threading.Lock()
+    together = threading.Barrier(3, timeout=10)
+
+    def launch(job, device):
+        with lock:
+            devices[job.label] = device
+        together.wait()  # all three run at once: none can end before the others have started
+        return None
+
+    # three workers per GPU, three runs: two on one GPU and one on the other, whatever the thread order
+    assert schedule([Job("a"), Job("b"), Job("c")], ["0", "0", "0", "1", "1", "1"], launch) == {}
+    assert sorted(Counter(devices.values()).values()) == [1, 2]
+    devices.clear()
+    together = threading.Barrier(4, timeout=10)
+    assert schedule([Job(x) for x in "abcd"], ["1", "0", "1", "0"], launch) == {}
+    assert Counter(devices.values()) == {"0": 2, "1": 2}
+
+
 def test_a_gpu_listed_twice_runs_two_workers_each_with_half_its_memory(tmp_path):
     import sys
 

@@ -48,7 +48,9 @@ def schedule(jobs: Sequence[Job], devices: Sequence[str], launch: Launch) -> dic
 
     A job starts when every job in its ``after`` has ended (successfully or not: a sweep whose runs
     fail still decides, or refuses, in the job that waits for it); a job that waits for a label no job
-    has starts at once.
+    has starts at once. A device listed several times runs that many jobs at once, and the next job
+    goes to the least busy device that has a free worker: three jobs on ``0,0,0,1,1,1`` run two on one
+    GPU and one on the other, not three on the first.
 
     Returns:
         label -> error for every job that did not finish (what `launch` said, or the exception it raised).
@@ -58,19 +60,24 @@ def schedule(jobs: Sequence[Job], devices: Sequence[str], launch: Launch) -> dic
     labels = {j.label for j in jobs}
     failures: dict[str, str] = {}
     lock = threading.Condition()
+    workers, running = Counter(devices), Counter[str]()
 
-    def next_job() -> Job | None:
+    def next_job(device: str) -> Job | None:
         with lock:
             while pending:
                 ready = [j for j in pending if all(a in ended or a not in labels for a in j.after)]
-                if ready:
+                least = min(running[d] for d in workers if running[d] < workers[d])
+                if ready and running[device] == least:
                     pending.remove(ready[0])
+                    running[device] += 1
+                    lock.notify_all()  # another device may be the least busy now
                     return ready[0]
                 lock.wait()
+            lock.notify_all()  # nothing left: let the other workers see it too
             return None
 
     def worker(device: str) -> None:
-        while (job := next_job()) is not None:
+        while (job := next_job(device)) is not None:
             try:
                 error = launch(job, device)
             except Exception as err:  # one job's crash must not stop the others
@@ -79,6 +86,7 @@ def schedule(jobs: Sequence[Job], devices: Sequence[str], launch: Launch) -> dic
                 if error:
                     failures[job.label] = error
                 ended.add(job.label)
+                running[device] -= 1
                 lock.notify_all()
 
     threads = [threading.Thread(target=worker, args=(d,), name=f"study-device-{d}", daemon=True) for d in devices]
