@@ -628,6 +628,23 @@ def test_jobs_that_differ_only_in_evaluation_batch_sizes_merge(workspace, finish
     assert err == [f"linearard study: error: cannot merge: evaluation limit differs: {limit!r} in {ref}, 7 in {arms}"]
 
 
+def test_the_report_names_the_device_the_runs_trained_on(workspace, study_copy, monkeypatch):
+    # a study trained on a GPU, its report rewritten on a CPU: the report says where the runs trained
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished run was redone")
+
+    monkeypatch.setattr(loop, "restore", forbidden)
+    monkeypatch.setattr(evaluation, "evaluate", forbidden)
+    for path in (study_copy / "runs").rglob("results.json"):
+        data = json.loads(path.read_text())
+        if "training" in data:
+            data["training"]["device"] = "NVIDIA H200"
+            path.write_text(json.dumps(data))
+    assert main(study_args(workspace, study_copy)) == 0
+    assert json.loads((study_copy / "results.json").read_text())["study"]["device"] == "NVIDIA H200"
+    assert "Training device: NVIDIA H200;" in (study_copy / "report.md").read_text()
+
+
 def test_a_merge_without_the_reference_evaluates_it_once(workspace, finished_study, tmp_path, monkeypatch):
     real_evaluate = evaluation.evaluate
     evaluated = []

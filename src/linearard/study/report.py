@@ -507,16 +507,16 @@ def _study_meta(study: Study, unfinished: list[str]) -> dict[str, Any]:
 
     s = study.s
     scaling = study.scaling
-    gpu_seconds = 0.0
-    for run in study.runs:
+    gpu_seconds, devices = 0.0, []
+    for run in [*study.runs, *study.sweep_runs]:
         training = read_json(run.record_path).get("training")
         if training:
             gpu_seconds += training["seconds"] * training["gpus"]
-    cuda = torch.cuda.is_available() and s.base.device != "cpu"
-    for run in study.sweep_runs:
-        training = read_json(run.record_path).get("training")
-        if training:
-            gpu_seconds += training["seconds"] * training["gpus"]
+            if training.get("device") and training["device"] not in devices:
+                devices.append(training["device"])
+    if not devices:  # nothing trained yet: where this study runs
+        cuda = torch.cuda.is_available() and s.base.device != "cpu"
+        devices = [torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})"]
     return {
         "command": s.command,
         "argv": s.argv,
@@ -538,7 +538,7 @@ def _study_meta(study: Study, unfinished: list[str]) -> dict[str, Any]:
         "tasks": s.tasks,
         "eval_settings": json.loads(json.dumps(dataclasses.asdict(s.eval_settings))),  # as used, batch sizes too
         "eval_fingerprint": study.fingerprint(),
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})",
+        "device": ", ".join(devices),  # where the runs trained, as their records say
         "gpu_seconds": gpu_seconds,
         "versions": _versions(),
         "unfinished": unfinished,
