@@ -589,6 +589,11 @@ def test_merging_job_folders_gives_one_report_and_refuses_disagreeing_ones(
     assert f"arm ard is in both {arms} and {twin}" in capsys.readouterr().err
     assert main(["study", "--merge", str(ref), str(tmp_path), "--output", str(tmp_path / "bad")]) == 2
     assert "is not a study folder" in capsys.readouterr().err
+    # a merged report is no job folder: its runs are in the folders it was made from
+    assert main(["study", "--merge", str(merged), str(twin), "--output", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"linearard study: error: {merged} holds a merged report; merge the folders it was made from instead "
+        f"(linearard study --merge {ref} {arms} --output {merged})"]
 
 
 def test_jobs_that_differ_only_in_evaluation_batch_sizes_merge(workspace, finished_study, tmp_path, monkeypatch,

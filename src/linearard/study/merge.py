@@ -98,6 +98,9 @@ def _study_meta(folder: Path) -> dict[str, Any]:
     meta = read_json(folder / "results.json").get("study")
     if not meta or not meta.get("command"):
         raise UserError(f"{folder} is not a study folder (no results.json of a study); run the study there first")
+    *_, last = meta["command"].splitlines()
+    if "--merge" in shlex.split(last):  # its runs live in the folders it was made from
+        raise UserError(f"{folder} holds a merged report; merge the folders it was made from instead ({last})")
     return meta
 
 
