@@ -6,6 +6,9 @@ each writes its own numbers, and ``--merge`` collects them into one JSON row per
     python benchmarks/bench_distributed.py --model M --data D --strategy none --out R/single
     torchrun --nproc_per_node 2 benchmarks/bench_distributed.py --model M --data D --strategy ddp --out R/ddp
     python benchmarks/bench_distributed.py --merge R/single R/ddp --results benchmarks/results/x.json
+
+``--profile`` adds each rank's operator table (host and device time) to its folder; the profiler slows
+the run, so a profiled run is not one of the timed ones.
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ def run_one(args: argparse.Namespace) -> None:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = restore(config, log=lambda _: None)
+    if args.profile:
+        result = _profiled(config, out / f"profile_rank{rank}.txt")
+    else:
+        result = restore(config, log=lambda _: None)
     seconds = time.perf_counter() - start
     record = {"rank": rank, "world_size": world, "strategy": args.strategy, "seq_len": args.seq_len,
               "tokens_per_step": args.tokens_per_step,
@@ -51,6 +57,20 @@ def run_one(args: argparse.Namespace) -> None:
               "gradient_checkpointing": args.gradient_checkpointing}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def _profiled(config, path: Path):
+    """`restore` under the PyTorch profiler; the table of host and device time per operator goes to `path`
+    (where a step's time goes: kernels, collectives, and the host waiting for the device)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = restore(config, log=lambda _: None)
+    averages = prof.key_averages()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(f"sorted by {key}\n" + averages.table(sort_by=key, row_limit=40)
+                                for key in ("self_cuda_time_total", "self_cpu_time_total")) + "\n")
+    return result
 
 
 def merge(folders: list[str], results: Path) -> None:
@@ -83,6 +103,8 @@ def main() -> int:
     parser.add_argument("--tokens-per-step", type=int, default=32768, help="all processes together")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--out", help="folder for this run's per-rank numbers")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write each rank's operator profile to --out (slows the run: time it apart)")
     parser.add_argument("--merge", nargs="+", metavar="FOLDER", help="merge finished runs into --results")
     parser.add_argument("--results", type=Path)
     args = parser.parse_args()
