@@ -812,6 +812,111 @@ def test_a_study_cut_off_mid_training_resumes_from_its_checkpoint(workspace, fin
         first["agreement"]["metrics"]["kl"]["value"], rel=1e-5)
 
 
+def forget_evaluation(output, arm):
+    """Drop `arm`'s evaluation from its record, as if it had been stopped before its end; returns it."""
+    rec = record(output, arm)
+    evaluation = rec.pop("evaluation")
+    (output / "runs" / arm / "seed-0" / "results.json").write_text(json.dumps(rec))
+    return evaluation
+
+
+def save_progress(output, arm, evaluation, tasks, fingerprint=None):
+    """What an evaluation stopped after `tasks` leaves behind, taken from `evaluation` (a record's) with each
+    result marked, so that a saved result tells itself apart from a recomputed one."""
+    entry = evaluation["entry"]
+    progress = {
+        "fingerprint": fingerprint or evaluation["fingerprint"],
+        "tasks": {t: {"result": {**entry["tasks"][t], "saved": True}, "seconds": 1.0} for t in tasks},
+        "model": {k: v for k, v in entry.items() if k not in ("tasks", "seconds")},
+        "meta": evaluation["meta"],
+    }
+    (output / "runs" / arm / "seed-0" / "evaluation-progress.json").write_text(json.dumps(progress))
+
+
+def test_an_evaluation_cut_off_redoes_only_its_unfinished_tasks(workspace, finished_study, study_copy, monkeypatch,
+                                                                capsys):
+    from linearard.evaluation.suite import _Run
+
+    real_task, real_evaluate = _Run.task, evaluation.evaluate
+    scored, calls, cut = [], [], [True]
+
+    def task(self, name, model, tokenizer):
+        scored.append(name)
+        if name == "passkey" and cut[0]:  # what a job's time limit does, during the last task
+            raise KeyboardInterrupt
+        return real_task(self, name, model, tokenizer)
+
+    monkeypatch.setattr(_Run, "task", task)
+    monkeypatch.setattr(evaluation, "evaluate",
+                        lambda models, tasks, **kw: calls.append((list(models), tasks)) or real_evaluate(
+                            models, tasks, **kw))
+    forget_evaluation(study_copy, "ard")
+    progress = study_copy / "runs" / "ard" / "seed-0" / "evaluation-progress.json"
+    assert main(study_args(workspace, study_copy)) == 130
+    assert scored == ["agreement", "agreement", "ppl", "passkey"]  # native and ard, then ard alone
+    assert list(json.loads(progress.read_text())["tasks"]) == ["agreement", "ppl"]
+
+    scored.clear()
+    calls.clear()
+    cut[0] = False
+    assert main(study_args(workspace, study_copy)) == 0
+    assert "[ard] evaluation resumes: 2 of 3 tasks already done" in capsys.readouterr().out
+    assert (scored, calls) == (["passkey"], [(["ard"], ["passkey"])])  # the reference is not even loaded
+    assert not progress.exists()
+    resumed, whole = record(study_copy, "ard")["evaluation"], record(finished_study, "ard")["evaluation"]
+    assert list(resumed) == list(whole) and resumed["fingerprint"] == whole["fingerprint"]
+    assert list(resumed["entry"]) == list(whole["entry"]) and set(resumed["meta"]) == set(whole["meta"])
+    assert list(resumed["entry"]["tasks"]) == list(resumed["entry"]["seconds"]) == ["ppl", "agreement", "passkey"]
+    assert resumed["entry"]["tasks"] == whole["entry"]["tasks"]
+    for key in ("spec", "supported_length", "parameters"):
+        assert resumed["entry"][key] == whole["entry"][key]
+
+
+def test_saved_tasks_count_only_under_the_same_evaluation_settings(workspace, study_copy, monkeypatch):
+    real_evaluate = evaluation.evaluate
+    calls = []
+    monkeypatch.setattr(evaluation, "evaluate",
+                        lambda models, tasks, **kw: calls.append((list(models), tasks)) or real_evaluate(
+                            models, tasks, **kw))
+    whole = forget_evaluation(study_copy, "ard")
+    fingerprint = whole["fingerprint"]
+    save_progress(study_copy, "ard", whole, ["ppl", "agreement", "passkey"],
+                  {**fingerprint, "settings": {**fingerprint["settings"], "samples": 2}})
+    assert main(study_args(workspace, study_copy)) == 0
+    assert calls == [(["native", "ard"], ["agreement"]), (["ard"], ["ppl", "passkey"])]
+    assert record(study_copy, "ard")["evaluation"]["entry"]["tasks"] == whole["entry"]["tasks"]
+
+    # other batch sizes set how fast, not what: those saved tasks count
+    calls.clear()
+    forget_evaluation(study_copy, "ard")
+    save_progress(study_copy, "ard", whole, ["agreement"],
+                  {**fingerprint, "settings": {**fingerprint["settings"], "batch_size": 3}})
+    assert main(study_args(workspace, study_copy)) == 0
+    assert calls == [(["ard"], ["ppl", "passkey"])]
+    tasks = record(study_copy, "ard")["evaluation"]["entry"]["tasks"]
+    assert [t for t, r in tasks.items() if r.get("saved")] == ["agreement"]
+
+
+def test_a_run_that_trains_again_drops_its_saved_tasks(workspace, study_copy, monkeypatch):
+    folder = study_copy / "runs" / "ard" / "seed-0"
+    real_restore = loop.restore
+    trained = []
+
+    def restore(config, **kwargs):
+        assert not (folder / "evaluation-progress.json").exists()  # gone before the new weights come
+        trained.append(config)
+        return real_restore(config, **kwargs)
+
+    monkeypatch.setattr(loop, "restore", restore)
+    whole = forget_evaluation(study_copy, "ard")
+    save_progress(study_copy, "ard", whole, ["ppl", "agreement", "passkey"])
+    shutil.rmtree(folder / "train" / "model")  # no export: the run resumes from its last checkpoint
+    assert main(study_args(workspace, study_copy)) == 0
+    assert [c.resume for c in trained] == [True]
+    tasks = record(study_copy, "ard")["evaluation"]["entry"]["tasks"]
+    assert list(tasks) == ["ppl", "agreement", "passkey"] and not any(r.get("saved") for r in tasks.values())
+
+
 # -- the end-of-run agreement of `linearard restore` ---------------------------------------------------------
 
 

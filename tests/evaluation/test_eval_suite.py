@@ -82,6 +82,16 @@ def cell(value, stderr=0.01):
     return {"value": value, "stderr": stderr, "n": 100}
 
 
+def test_each_finished_task_is_reported_as_it_ends():
+    tok = byte_tokenizer()
+    models = {"original": (tiny_model("llama", seed=0), tok), "other": (tiny_model("llama", seed=1), tok)}
+    finished = []
+    res = evaluate(models, "ppl,agreement", settings=SMALL, heldout_texts={"sea": TEXT}, log=lambda msg: None,
+                   on_task=lambda *args: finished.append(args))
+    assert finished == [(name, task, res["models"][name]["tasks"][task], res["models"][name]["seconds"][task])
+                        for name in ("original", "other") for task in ("ppl", "agreement")]
+
+
 def test_recovery_math():
     def model(ppl, acc, kl):
         return {"tasks": {

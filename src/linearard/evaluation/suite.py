@@ -43,6 +43,7 @@ _RELATIVE = ("agreement", "chat")
 
 ModelArg = str | tuple
 Log = Callable[[str], None]
+OnTask = Callable[[str, str, dict, float], None]
 
 
 def evaluate(
@@ -61,6 +62,7 @@ def evaluate(
     heldout_texts: Mapping[str, str] | None = None,
     long_texts: Mapping[str, str] | None = None,
     log: Log | None = None,
+    on_task: OnTask | None = None,
 ) -> dict:
     """Evaluate every model on every task; optionally write results.json, report.md and plots.
 
@@ -83,6 +85,9 @@ def evaluate(
         long_texts: name -> text for the RULER-style haystack and ``longppl`` (default
             ``linearard.data.long_texts()``).
         log: progress messages (default: stderr).
+        on_task: called as ``on_task(model_name, task, result, seconds)`` after each task of each model
+            finishes, with the result and seconds that the returned entry will hold: lets a caller save
+            progress, so that a stopped evaluation need not redo the finished tasks.
 
     Returns:
         ``{"meta": ..., "models": {name: {"spec", "supported_length", "parameters", "tasks",
@@ -126,7 +131,7 @@ def evaluate(
         long_texts = _data("long_texts") if needs_long else {}
     heldout, longs = dict(heldout_texts), dict(long_texts)
 
-    run = _Run(cfg, task_list, heldout, longs, log)
+    run = _Run(cfg, task_list, heldout, longs, log, on_task)
     started = time.time()
     ref_model, ref_tok, _ = _open(ref_name, entries[ref_name], device, target, dtype, log)
     run.set_reference(ref_model, ref_tok)
@@ -193,8 +198,10 @@ def recovery(result: dict, reference: dict) -> dict:
 class _Run:
     """Runs the tasks on one model after another, with what the reference provides."""
 
-    def __init__(self, cfg: EvalSettings, tasks: list[str], heldout: dict, longs: dict, log: Log):
+    def __init__(self, cfg: EvalSettings, tasks: list[str], heldout: dict, longs: dict, log: Log,
+                 on_task: OnTask | None = None):
         self.cfg, self.tasks, self.heldout, self.longs, self.log = cfg, tasks, heldout, longs, log
+        self.on_task = on_task
         self.filler = "\n\n".join(longs.values())
         self.prompts = chat_prompts() if "chat" in tasks else []
 
@@ -222,6 +229,8 @@ class _Run:
             out["tasks"][task] = self.task(task, model, tokenizer)
             out["seconds"][task] = round(time.time() - t, 2)
             self.log(f"[{name}] {task}: {out['seconds'][task]:.1f}s")
+            if self.on_task:
+                self.on_task(name, task, out["tasks"][task], out["seconds"][task])
         return out
 
     def task(self, task: str, model, tokenizer) -> dict:

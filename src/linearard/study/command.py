@@ -47,8 +47,9 @@ arm variants: ARM[ITEM,...]@TOKENS
 Every trained arm starts from the same native model, the same data and data order, the same settings
 (--config / --set / flags, as in `linearard restore`), the same tokens per optimizer step and the
 study's RoPE; each is exported, then evaluated with the same tasks and settings. Rerunning the same
-command skips finished runs, re-evaluates trained ones whose evaluation is missing, and resumes
-interrupted training (a crash, a time limit) from its last checkpoint.
+command skips finished runs, re-evaluates trained ones whose evaluation is missing, resumes
+interrupted training (a crash, a time limit) from its last checkpoint, and an interrupted evaluation
+with the tasks it had not finished.
 
 arms as separate jobs (one GPU or machine each), one report:
   linearard study --arms native,scaled --output study/ref

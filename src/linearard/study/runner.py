@@ -8,6 +8,7 @@ Layout of the output folder::
       runs/scaled/results.json             the untrained scaled student, evaluated
       runs/<arm>/seed-<n>/train/           a `linearard restore` run folder (checkpoints, logs, model/)
       runs/<arm>/seed-<n>/results.json     that run's config, training numbers and evaluation
+      runs/<run>/evaluation-progress.json  the finished tasks of an evaluation under way
       runs/<arm>/sweep/lr-<lr>/            a learning-rate sweep run of that arm (``--lr-sweep``)
       logs/<run>.log                       a run's output when runs go to several devices (``--devices``)
 
@@ -15,7 +16,9 @@ A run is finished when its ``results.json`` holds its training numbers and an ev
 current evaluation settings: a rerun of the same command skips it, also when its weights were deleted
 or the study folder was copied without them. A trained run whose evaluation is missing or stale is
 re-evaluated from its export; one with checkpoints but no export resumes training from its newest
-checkpoint. A finished run whose settings differ from the command's is an
+checkpoint. An evaluation resumes task by task: each finished task is saved as it ends
+(``evaluation-progress.json``), and a rerun evaluates only the others, as long as the evaluation settings
+are the same and the run has not trained since. A finished run whose settings differ from the command's is an
 error rather than a silent mix of two studies in one table.
 
 Fairness: every trained run gets the same number of tokens per optimizer step (``--tokens-per-step``,
@@ -63,6 +66,7 @@ REFERENCE = "native"
 # The sweep's validation text: a long held-out document that no evaluation task scores on short windows.
 SWEEP_TEXTS = ("tragedies",)
 RECORD = "results.json"
+PROGRESS = "evaluation-progress.json"
 EXPORT = Path("train") / "model"
 
 Log = Callable[[str], None]
@@ -123,6 +127,10 @@ class Run:
     @property
     def record_path(self) -> Path:
         return self.folder / RECORD
+
+    @property
+    def progress_path(self) -> Path:
+        return self.folder / PROGRESS
 
 
 def arm_config(
@@ -346,11 +354,14 @@ class Study:
 
     def evaluated(self, run: Run, record: dict[str, Any]) -> bool:
         """Whether `record` (the run's results.json) holds an evaluation with this study's fingerprint."""
-        recorded = (record.get("evaluation") or {}).get("fingerprint")
-        if not recorded:
+        return self._current(run, (record.get("evaluation") or {}).get("fingerprint"))
+
+    def _current(self, run: Run, fingerprint: dict[str, Any] | None) -> bool:
+        """Whether numbers measured under `fingerprint` count for `run` now."""
+        if not fingerprint:
             return False
         # records written before batch sizes left the fingerprint still carry them
-        return {**recorded, "settings": measured(recorded.get("settings") or {})} == self.fingerprint(run)
+        return {**fingerprint, "settings": measured(fingerprint.get("settings") or {})} == self.fingerprint(run)
 
     def status(self, run: Run) -> str:
         """``done``, ``evaluate`` (trained, not evaluated), ``resume`` (checkpoints, no export), ``train``,
@@ -467,6 +478,8 @@ class Study:
         from linearard.training.loop import restore
 
         config = dataclasses.replace(run.config, resume=resume)
+        # the saved tasks scored the old weights, and a resumed run exports new ones too
+        run.progress_path.unlink(missing_ok=True)
         cuda = torch.cuda.is_available() and config.device != "cpu"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -495,40 +508,69 @@ class Study:
         write_json(run.record_path, self._record(run, training=training))
 
     def _evaluate(self, run: Run) -> None:
+        """Evaluate `run` and record it, saving each finished task so that a stopped evaluation resumes
+        with the tasks it had not finished (see `_progress`)."""
         from linearard.evaluation import evaluate
 
-        kwargs = {"device": self.s.eval_device, "seed": self.s.eval_settings.seed, "settings": self.s.eval_settings}
-        started = time.perf_counter()
-        if run is self.reference:
-            res = evaluate({REFERENCE: run.spec}, self.s.tasks, **kwargs)
-            entry, meta = res["models"][REFERENCE], res["meta"]
-        elif run.is_sweep:
-            res = evaluate({REFERENCE: self.reference.spec, run.label: run.spec}, ["agreement"],
-                           reference=REFERENCE, heldout_texts=sweep_texts(), **kwargs)
-            entry, meta = res["models"][run.label], res["meta"]
-        else:
-            relative = [t for t in self.s.tasks if t in REFERENCE_TASKS]
-            own = [t for t in self.s.tasks if t not in REFERENCE_TASKS]
-            parts, meta = [], None
-            if relative:
-                res = evaluate({REFERENCE: self.reference.spec, run.label: run.spec}, relative,
-                               reference=REFERENCE, **kwargs)
-                parts.append(res["models"][run.label])
-                meta = res["meta"]
-            if own:
-                res = evaluate({run.label: run.spec}, own, **kwargs)
-                parts.append(res["models"][run.label])
-                meta = res["meta"]
-            entry = _merge_entries(parts, self.s.tasks)
+        progress = self._progress(run)
+        done = progress["tasks"]
+        tasks = progress["fingerprint"]["tasks"]  # in the study's order
+        if done:
+            self.log(f"[{run.label}] evaluation resumes: {len(done)} of {len(tasks)} tasks already done")
+
+        def save(name: str, task: str, result: dict, seconds: float) -> None:
+            if name == run.label:  # not the reference beside it
+                done[task] = {"result": result, "seconds": seconds}
+                write_json(run.progress_path, progress)
+
+        kwargs = {"device": self.s.eval_device, "seed": self.s.eval_settings.seed, "settings": self.s.eval_settings,
+                  "on_task": save}
+        # the reused tasks' time counts, so that a resumed evaluation takes about as long as an uninterrupted one
+        started = time.perf_counter() - sum(d["seconds"] for d in done.values())
+        for models, call_tasks, extra in self._evaluation_calls(run):
+            missing = [t for t in call_tasks if t not in done]
+            if missing:
+                res = evaluate(models, missing, **extra, **kwargs)
+                entry = res["models"][run.label]
+                progress["model"] = {k: v for k, v in entry.items() if k not in ("tasks", "seconds")}
+                progress["meta"] = res["meta"]
+                write_json(run.progress_path, progress)
+        entry = {**progress["model"], "tasks": {t: done[t]["result"] for t in tasks},
+                 "seconds": {t: done[t]["seconds"] for t in tasks}}
         if run.arm.trains:
             entry["spec"] = os.path.relpath(run.spec, self.s.output)
         evaluation = {
-            "fingerprint": self.fingerprint(run),
+            "fingerprint": progress["fingerprint"],
             "seconds": round(time.perf_counter() - started, 2),
             "entry": entry,
-            "meta": meta,
+            "meta": progress["meta"],
         }
         write_json(run.record_path, self._record(run, evaluation=evaluation))
+        run.progress_path.unlink(missing_ok=True)
+
+    def _progress(self, run: Run) -> dict[str, Any]:
+        """`run`'s evaluation so far, as saved in its ``evaluation-progress.json``: ``fingerprint``, ``tasks``
+        (task -> ``result``, ``seconds``), and from the last `evaluate` call that returned, the model's
+        entry without its tasks (``model``) and ``meta``. Empty unless its fingerprint is this study's."""
+        progress = read_json(run.progress_path)
+        if not self._current(run, progress.get("fingerprint")):
+            return {"fingerprint": self.fingerprint(run), "tasks": {}}
+        progress["fingerprint"] = self.fingerprint(run)
+        if "meta" not in progress and len(progress["tasks"]) == len(progress["fingerprint"]["tasks"]):
+            progress["tasks"].popitem()  # stopped as its last call returned: redo one task for the entry and meta
+        return progress
+
+    def _evaluation_calls(self, run: Run) -> list[tuple[dict[str, str], list[str], dict[str, Any]]]:
+        """The `evaluate` calls that make `run`'s evaluation, as (models, tasks, further arguments)."""
+        if run is self.reference:
+            return [({REFERENCE: run.spec}, self.s.tasks, {})]
+        beside = {REFERENCE: self.reference.spec, run.label: run.spec}
+        if run.is_sweep:
+            return [(beside, ["agreement"], {"reference": REFERENCE, "heldout_texts": sweep_texts()})]
+        relative = [t for t in self.s.tasks if t in REFERENCE_TASKS]
+        own = [t for t in self.s.tasks if t not in REFERENCE_TASKS]
+        calls = [(beside, relative, {"reference": REFERENCE}), ({run.label: run.spec}, own, {})]
+        return [call for call in calls if call[1]]
 
     def _record(self, run: Run, **parts: Any) -> dict[str, Any]:
         record = read_json(run.record_path)
@@ -597,16 +639,6 @@ def describe_plan(study: Study, runs: list[Run]) -> str:
             stages = f"no training ({run.spec})"
         lines.append(f"  {run.label:<28} {stages}  [{state}]")
     return "\n".join(lines)
-
-
-def _merge_entries(parts: list[dict], tasks: list[str]) -> dict:
-    """One model's evaluation entry from several `evaluate` calls over disjoint task sets."""
-    merged = dict(parts[-1])
-    all_tasks = {t: r for p in parts for t, r in p["tasks"].items()}
-    all_seconds = {t: s for p in parts for t, s in p["seconds"].items()}
-    merged["tasks"] = {t: all_tasks[t] for t in tasks if t in all_tasks}
-    merged["seconds"] = {t: all_seconds[t] for t in tasks if t in all_seconds}
-    return merged
 
 
 def read_json(path: Path) -> dict:
