@@ -11,7 +11,7 @@ from linearard.evaluation.haystack import Haystack, fill_to_length, match_fracti
 from linearard.evaluation.passkey import passkey
 from linearard.evaluation.perplexity import long_perplexity
 from linearard.evaluation.ruler import _BUILDERS, ruler
-from linearard.evaluation.scoring import encode, prefix_token, token_nlls
+from linearard.evaluation.scoring import encode, encode_many, prefix_token, token_nlls
 from linearard.evaluation.tasks import RULER_TASKS
 from tiny import byte_tokenizer, tiny_model
 
@@ -122,6 +122,33 @@ def test_ruler_prompts_hold_their_answers(task):
     if task == "fwe":
         body = text.split("\n\n")[1].split()
         assert [w for w, _ in Counter(body).most_common(3)] == prompt.references
+
+
+def test_pieces_encoded_in_one_call_are_those_encoded_one_by_one():
+    tok = byte_tokenizer(merges=((" ", "1"), (".", " "), ("k", "a"), (" ", "ka")))
+    texts = [f" {i}. {w}" for i, w in enumerate(words(random.Random(0), 30) * 3, 1)] + [" ka", " ka", ""]
+    assert encode_many(tok, texts) == [encode(tok, t) for t in texts]
+    assert encode_many(tok, []) == []
+
+
+@pytest.mark.parametrize("task", ["cwe", "fwe"])
+def test_word_list_prompts_are_the_pieces_one_by_one(task, monkeypatch):
+    # the word lists are encoded in one batched call; the prompt is the same as piece by piece
+    import importlib
+
+    ruler_module = importlib.import_module("linearard.evaluation.ruler")  # the package exports a function of that name
+
+    tok = byte_tokenizer(merges=((" ", "1"), (".", " "), ("k", "a")))
+    hay = Haystack(tok, FILLER)
+    fast = _BUILDERS[task].build(random.Random(5), tok, hay, 3000)
+    monkeypatch.setattr(ruler_module, "encode_many", lambda t, texts: [encode(t, x) for x in texts])
+    assert _BUILDERS[task].build(random.Random(5), tok, hay, 3000) == fast
+
+
+def test_ruler_takes_a_haystack_built_once(model):
+    tok = byte_tokenizer()
+    built = ruler(model, tok, "niah_single", Haystack(tok, FILLER), lengths=[600], samples=2, seed=0)
+    assert built == ruler(model, tok, "niah_single", FILLER, lengths=[600], samples=2, seed=0)
 
 
 def test_ruler_task_scores_and_lengths(model):

@@ -92,6 +92,36 @@ def test_each_finished_task_is_reported_as_it_ends():
                         for name in ("original", "other") for task in ("ppl", "agreement")]
 
 
+def test_the_filler_is_encoded_once_per_tokenizer(monkeypatch):
+    import linearard.evaluation.suite as suite
+
+    built = []
+
+    class Counted(suite.Haystack):
+        def __init__(self, tokenizer, text):
+            built.append(text)
+            super().__init__(tokenizer, text)
+
+    monkeypatch.setattr(suite, "Haystack", Counted)
+    tok = byte_tokenizer()
+    models = {"original": (tiny_model("llama", seed=0, max_position_embeddings=512), tok),
+              "other": (tiny_model("llama", seed=1, max_position_embeddings=512), tok)}
+    evaluate(models, "niah_single,niah_multikey,cwe", settings=SMALL, long_texts=LONG, log=lambda msg: None)
+    assert built == ["\n\n".join(LONG.values())]  # two models, three tasks, one tokenizer: once
+
+
+def test_windowed_tasks_keep_their_logits_bounded():
+    from types import SimpleNamespace
+
+    from linearard.evaluation.suite import _Run
+
+    run = _Run(EvalSettings.for_device("cuda", batch_size=256, max_batch_tokens=163840), [], {}, {}, print)
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=49152))
+    assert [run.windows(n, model) for n in (256, 1024, 4096, 32768)] == [256, 85, 21, 2]
+    model.config.vocab_size = 256  # a small vocabulary: the batch and token budgets decide
+    assert [run.windows(n, model) for n in (256, 1024, 4096, 32768)] == [256, 160, 40, 5]
+
+
 def test_recovery_math():
     def model(ppl, acc, kl):
         return {"tasks": {

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from linearard.evaluation.generation import greedy_generate
 from linearard.evaluation.haystack import NOISE, Haystack, TooShort, fill_to_length, match_fraction, words
-from linearard.evaluation.scoring import bos_prefix, encode, supported_length
+from linearard.evaluation.scoring import bos_prefix, encode, encode_many, supported_length
 from linearard.evaluation.stats import mean_cell, na_cell, task_result
 from linearard.evaluation.tasks import RULER_TASKS
 
@@ -52,7 +52,7 @@ def ruler(
     model,
     tokenizer,
     task: str,
-    haystack_text: str,
+    haystack: str | Haystack,
     *,
     lengths: Sequence[int],
     samples: int = 2,
@@ -64,7 +64,8 @@ def ruler(
     Args:
         model, tokenizer: the model under test.
         task: one of ``RULER_TASKS``.
-        haystack_text: filler text (prose) for the needle tasks.
+        haystack: filler text (prose) for the needle tasks, or a :class:`Haystack` of it built with this
+            tokenizer (encoding a long text takes seconds: build it once for several tasks).
         lengths: total lengths in tokens (prompt plus the answer budget).
         samples: prompts per length.
         seed: makes the prompts reproducible; the same for every model.
@@ -81,7 +82,8 @@ def ruler(
         raise ValueError(f"unknown RULER task {task!r}; choose one of {', '.join(RULER_TASKS)}")
     builder = _BUILDERS[task]
     limit = supported_length(model)
-    haystack = Haystack(tokenizer, haystack_text)
+    if not isinstance(haystack, Haystack):
+        haystack = Haystack(tokenizer, haystack)
     metrics, examples = {}, {}
     for length in lengths:
         if length > limit:
@@ -178,8 +180,8 @@ def _common_words(rng: random.Random, tokenizer, haystack: Haystack, length: int
         common = vocab[:10]
         pool = common * repeats + vocab[10:]
         local.shuffle(pool)
-        ids = [t for i, w in enumerate(pool, 1) for t in encode(tokenizer, f" {i}. {w}")]
-        return ids, common
+        pieces = encode_many(tokenizer, [f" {i}. {w}" for i, w in enumerate(pool, 1)])
+        return [t for piece in pieces for t in piece], common
 
     return Prompt(*_fit(entries, budget, head, tail))
 
@@ -207,8 +209,8 @@ def _frequent_words(rng: random.Random, tokenizer, haystack: Haystack, length: i
         vocab = words(local, len(counts) + singles)
         pool = [w for w, c in zip(vocab, counts) for _ in range(c)] + vocab[len(counts):]
         local.shuffle(pool)
-        ids = [t for w in pool for t in encode(tokenizer, f" {w}")]
-        return ids, vocab[:3]
+        pieces = encode_many(tokenizer, [f" {w}" for w in pool])
+        return [t for piece in pieces for t in piece], vocab[:3]
 
     return Prompt(*_fit(entries, budget, head, tail))
 

@@ -99,6 +99,16 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def encode_many(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each of `texts` without special tokens, as :func:`encode` gives them, from one batched
+    tokenizer call in which each distinct text is encoded once (a long synthetic prompt is thousands of
+    short pieces: one call each took seconds)."""
+    unique = list(dict.fromkeys(texts))
+    ids = tokenizer(unique, add_special_tokens=False, return_attention_mask=False)["input_ids"] if unique else []
+    by_text = dict(zip(unique, ids))
+    return [list(by_text[text]) for text in texts]
+
+
 def bos_prefix(tokenizer) -> list[int]:
     """``[bos]`` if the tokenizer puts a BOS token in front of text by default, else ``[]``.
 

