@@ -43,6 +43,7 @@ def run_one(args: argparse.Namespace) -> None:
     # this process's own GPU before any CUDA call, or every rank would open a context on GPU 0
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.reset_peak_memory_stats()
+    data_rate = _data_rate(args, rank, world)
     start = time.perf_counter()
     if args.profile:
         result = _profiled(config, out / f"profile_rank{rank}.txt")
@@ -57,10 +58,30 @@ def run_one(args: argparse.Namespace) -> None:
               "tokens_per_step": args.tokens_per_step,
               "steps": result.steps, "tokens": result.tokens, "seconds": round(seconds, 2),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+              "data_tokens_per_s": round(data_rate, 1),
               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "gradient_checkpointing": args.gradient_checkpointing}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def _data_rate(args: argparse.Namespace, rank: int, world: int) -> float:
+    """Training tokens per second this process's block stream delivers alone (reading, tokenizing, cutting,
+    sharding: every rank tokenizes the whole corpus), over the blocks the run will train on. A stream
+    slower than the training caps the run whatever the GPUs do."""
+    from transformers import AutoTokenizer
+
+    from linearard.data.blocks import TokenBlocks
+    from linearard.data.default_corpus import training_files
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    blocks = iter(TokenBlocks(training_files([args.data]), tokenizer, args.seq_len, shuffle_buffer=0,
+                              rank=rank, world_size=world))
+    own = args.tokens_per_step * args.steps // world // args.seq_len
+    start = time.perf_counter()
+    for _ in range(own):
+        next(blocks)
+    return own * args.seq_len / (time.perf_counter() - start)
 
 
 def _profiled(config, path: Path):
@@ -91,6 +112,7 @@ def merge(folders: list[str], results: Path) -> None:
                      "tokens_per_s": round(tokens_per_s, 1),
                      "tokens_per_s_per_gpu": round(tokens_per_s / world, 1),
                      "peak_gib_per_gpu": [r["peak_gib"] for r in ranks],
+                     "data_tokens_per_s_per_rank": [r.get("data_tokens_per_s") for r in ranks],
                      "timed_steps": len(steps)})
         print(json.dumps(rows[-1]))
     results.parent.mkdir(parents=True, exist_ok=True)

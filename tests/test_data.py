@@ -249,6 +249,29 @@ def test_resume_equals_uninterrupted(corpus, tokenizer, options):
         assert head + blocks_of(resumed, total - cut) == reference, f"cut at {cut}"
 
 
+@pytest.mark.parametrize("read_ahead", [1, 150, 1 << 20])
+def test_documents_tokenized_together_give_the_same_stream(corpus, monkeypatch, read_ahead):
+    from linearard.data import blocks as blocks_module
+
+    tokenizer = byte_tokenizer(merges=(("a", "l"), ("e", " "), (" ", "d")))
+    calls = []
+    real_call = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__",
+                        lambda self, text, **kw: calls.append(text) or real_call(self, text, **kw))
+
+    def stream(**options):
+        return blocks_of(TokenBlocks(corpus, tokenizer, seq_len=20, seed=2, shuffle_buffer=4, add_eos=True,
+                                     repeat=False, **options))
+
+    reference = stream(pack=True)  # the default read-ahead: every document of this corpus in one call
+    assert len(calls) == 1 and len(calls[0]) == 23
+    monkeypatch.setattr(blocks_module, "_ENCODE_CHARS", read_ahead)
+    calls.clear()
+    assert stream(pack=True) == reference
+    expected = {1: range(23, 24), 150: range(2, 23), 1 << 20: range(1, 2)}[read_ahead]  # calls: one per document .. one
+    assert len(calls) in expected
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_shards_cover_the_epoch_without_overlap(corpus, tokenizer, pack):
     def epoch(rank, world_size):
