@@ -1,7 +1,7 @@
 """Corpora -> token blocks: documents from files, the built-in public-domain corpus, training blocks.
 
 Documents (`iter_documents`) stream from .txt/.md/.rst files, .jsonl records and .parquet rows;
-`TokenBlocks` tokenizes them one by one into shuffled, sharded, resumable fixed-length blocks;
+`TokenBlocks` tokenizes them (many in one tokenizer call) into shuffled, sharded, resumable fixed-length blocks;
 `default_corpus_files`, `heldout_texts` and `long_texts` are the built-in training and evaluation
 text; `training_files` resolves ``--data`` (paths and named built-in sources);
 `estimate_corpus_tokens` sizes a corpus from a sample.
