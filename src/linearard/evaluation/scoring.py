@@ -153,21 +153,19 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list
         stripped = context.rstrip()
         split.append((stripped, context[len(stripped):] + continuation))
     # What to encode: the context and the whole text, or the continuation alone after an empty context.
-    texts: dict[str, int] = {}
-    for context, continuation in split:
-        for text in ((context, context + continuation) if context else (continuation,)):
-            texts.setdefault(text, len(texts))
-    ids = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    texts = [text for context, continuation in split
+             for text in ((context, context + continuation) if context else (continuation,))]
+    ids = dict(zip(texts, encode_many(tokenizer, texts)))
     head = bos_prefix(tokenizer)
     # asked only where needed: a tokenizer without BOS and EOS cannot start an empty context
     start = prefix_token(tokenizer) if any(not context for context, _ in split) else None
     out = []
     for context, continuation in split:
         if not context:
-            out.append(([start], list(ids[texts[continuation]])))
+            out.append(([start], list(ids[continuation])))
             continue
-        ctx = ids[texts[context]]
-        out.append((head + ctx, ids[texts[context + continuation]][len(ctx):]))
+        ctx = ids[context]
+        out.append((head + ctx, ids[context + continuation][len(ctx):]))
     return out
 
 
