@@ -8,7 +8,9 @@ each writes its own numbers, and ``--merge`` collects them into one JSON row per
     python benchmarks/bench_distributed.py --merge R/single R/ddp --results benchmarks/results/x.json
 
 ``--profile`` adds each rank's operator table (host and device time) to its folder; the profiler slows
-the run, so a profiled run is not one of the timed ones.
+the run, so a profiled run is not one of the timed ones. A run of several processes first times an
+all-reduce alone between them (1, 16 and 64 MB of fp32, as DDP's gradient buckets), so that a slow link
+shows apart from the training.
 """
 
 from __future__ import annotations
@@ -44,12 +46,15 @@ def run_one(args: argparse.Namespace) -> None:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.reset_peak_memory_stats()
     data_rate = _data_rate(args, rank, world)
+    link = _allreduce_ms() if world > 1 else None
     start = time.perf_counter()
     if args.profile:
         result = _profiled(config, out / f"profile_rank{rank}.txt")
     else:
         result = restore(config, log=lambda _: None)
     seconds = time.perf_counter() - start
+    if link is not None:  # the group this process started for the probe; restore leaves it alone
+        torch.distributed.destroy_process_group()
     shape = json.loads((Path(args.model) / "config.json").read_text())
     record = {"rank": rank, "world_size": world, "strategy": args.strategy, "seq_len": args.seq_len,
               "model": {k: shape.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -59,6 +64,7 @@ def run_one(args: argparse.Namespace) -> None:
               "steps": result.steps, "tokens": result.tokens, "seconds": round(seconds, 2),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
               "data_tokens_per_s": round(data_rate, 1),
+              "allreduce_ms": link,
               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "gradient_checkpointing": args.gradient_checkpointing}
     out.mkdir(parents=True, exist_ok=True)
@@ -82,6 +88,32 @@ def _data_rate(args: argparse.Namespace, rank: int, world: int) -> float:
     for _ in range(own):
         next(blocks)
     return own * args.seq_len / (time.perf_counter() - start)
+
+
+def _allreduce_ms(sizes_mb=(1, 16, 64), repeats: int = 20) -> dict[str, float]:
+    """Median milliseconds of one all-reduce (sum) of `sizes_mb` megabytes of fp32 between this run's
+    processes on their GPUs, the link alone (no training beside it). Starts the process group that
+    `restore` then uses."""
+    import datetime
+
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=30), device_id=device)
+    times = {}
+    for mb in sizes_mb:
+        x = torch.ones(mb * 2**20 // 4, device=device)
+        dist.all_reduce(x)  # warm-up: NCCL sets up the channels for this size
+        samples = []
+        for _ in range(repeats):
+            dist.barrier()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            dist.all_reduce(x)
+            torch.cuda.synchronize()
+            samples.append((time.perf_counter() - start) * 1000)
+        times[f"{mb}MB"] = round(statistics.median(samples), 3)
+    return times
 
 
 def _profiled(config, path: Path):
@@ -113,6 +145,7 @@ def merge(folders: list[str], results: Path) -> None:
                      "tokens_per_s_per_gpu": round(tokens_per_s / world, 1),
                      "peak_gib_per_gpu": [r["peak_gib"] for r in ranks],
                      "data_tokens_per_s_per_rank": [r.get("data_tokens_per_s") for r in ranks],
+                     "allreduce_ms_per_rank": [r.get("allreduce_ms") for r in ranks],
                      "timed_steps": len(steps)})
         print(json.dumps(rows[-1]))
     results.parent.mkdir(parents=True, exist_ok=True)
