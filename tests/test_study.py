@@ -21,6 +21,7 @@ from linearard.errors import UserError
 from linearard.models.rope import RopeScaling
 from linearard.study.arms import PAPER_CPT_SHARE, PRESETS, format_tokens, parse_arms, split_arms
 from linearard.study.command import eval_overrides, settings_from_args
+from linearard.study.report import sweep_edges
 from linearard.study.runner import arm_config, describe_plan
 from tiny import byte_tokenizer, tiny_model
 
@@ -532,6 +533,23 @@ def test_a_sweep_study_trains_the_best_rate_and_reports_the_sweep(workspace, tmp
     assert "## Learning-rate sweep" in report and "| ard | 64 |" in report and "| failed |" in report
     assert results["study"]["lr_sweep"] == [1e-4, 1e-3, 3e-2]
     assert "at the learning rate of 0.0001, 0.001, 0.03 that its 64-token sweep run" in report
+
+
+def test_the_report_says_when_the_best_rate_is_at_an_end_of_the_sweep():
+    def family(chosen, *rates, failed=()):
+        return {"chosen": chosen, "points": [{"lr": r, "failed": "diverged" if r in failed else None} for r in rates]}
+
+    sweep = {"cpt": family(1e-3, 1e-3, 3e-3, 1e-2), "ard": family(1e-3, 3e-3, 1e-3),  # lowest, in any order
+             "hidden": family(3e-3, 1e-3, 3e-3, 1e-2),  # inside: settled
+             "logits": family(1e-2, 1e-3, 1e-2), "attention": family(1e-3, 1e-4, 1e-3, 1e-2, failed=(1e-2,)),
+             "ard+cpt": family(None, 1e-3, 3e-3), "ard+logits": family(1e-3, 1e-3)}  # unfinished; one rate
+    assert sweep_edges(sweep) == [
+        "The best rate was the lowest the sweep tried for cpt and ard: a lower one may be better still; "
+        "add it to `--lr-sweep` (the finished sweep runs count again).",
+        "The best rate was the highest the sweep tried for logits: a higher one may be better still; "
+        "add it to `--lr-sweep` (the finished sweep runs count again).",
+    ]  # a higher rate that diverged bounds the sweep as much as one that ran
+    assert sweep_edges({"hidden": sweep["hidden"]}) == []
 
 
 # -- arms as separate jobs, merged ---------------------------------------------------------------------------

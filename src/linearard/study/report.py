@@ -360,7 +360,30 @@ def _sweep_text(results: dict[str, Any]) -> str:
                 cells.append(f"**{text}**" if rate == info["chosen"] else text)
         chosen = f"{info['chosen']:g}" if info["chosen"] is not None else "—"
         rows.append(f"| {family} | {format_tokens(info['tokens'])} | " + " | ".join(cells) + f" | {chosen} |")
-    return "\n".join(rows)
+    edges = sweep_edges(sweep)
+    return "\n".join(rows + (["", *edges] if edges else []))
+
+
+def sweep_edges(sweep: dict[str, Any]) -> list[str]:
+    """A sentence for the arms whose chosen rate is the lowest or the highest their sweep tried: the best
+    rate may lie beyond it, so the sweep did not settle it."""
+    ends: dict[str, list[str]] = {"lowest": [], "highest": []}
+    for family, info in sweep.items():
+        rates = sorted(p["lr"] for p in info["points"])
+        if info["chosen"] is None or len(rates) < 2:
+            continue
+        if info["chosen"] == rates[0]:
+            ends["lowest"].append(family)
+        elif info["chosen"] == rates[-1]:
+            ends["highest"].append(family)
+    way = {"lowest": "lower", "highest": "higher"}
+    return [f"The best rate was the {end} the sweep tried for {_and(families)}: a {way[end]} one may be better "
+            f"still; add it to `--lr-sweep` (the finished sweep runs count again)."
+            for end, families in ends.items() if families]
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _sweep_phrase(s: dict[str, Any]) -> str:
