@@ -37,7 +37,9 @@ def main() -> None:
         shape["max_position_embeddings"] = args.native_length
     config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    # drawn on the GPU when there is one: a 7B shape's random initialisation takes minutes on the CPU
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
     print(f"wrote a random {args.shape}-shaped model (vocabulary {shape['vocab_size']:,}) to {args.output}")
