@@ -7,10 +7,10 @@ each writes its own numbers, and ``--merge`` collects them into one JSON row per
     torchrun --nproc_per_node 2 benchmarks/bench_distributed.py --model M --data D --strategy ddp --out R/ddp
     python benchmarks/bench_distributed.py --merge R/single R/ddp --results benchmarks/results/x.json
 
-``--profile`` adds each rank's operator table (host and device time) to its folder; the profiler slows
-the run, so a profiled run is not one of the timed ones. A run of several processes first times an
-all-reduce alone between them (1, 16 and 64 MB of fp32, as DDP's gradient buckets), so that a slow link
-shows apart from the training.
+``--profile`` adds each rank's operator table (host and device time of 8 steps after the first 18) to its
+folder; the profiler slows the run, so a profiled run is not one of the timed ones. A run of several
+processes first times an all-reduce alone between them (1, 16 and 64 MB of fp32, as DDP's gradient
+buckets), so that a slow link shows apart from the training.
 """
 
 from __future__ import annotations
@@ -116,17 +116,25 @@ def _allreduce_ms(sizes_mb=(1, 16, 64), repeats: int = 20) -> dict[str, float]:
     return times
 
 
-def _profiled(config, path: Path):
-    """`restore` under the PyTorch profiler; the table of host and device time per operator goes to `path`
-    (where a step's time goes: kernels, collectives, and the host waiting for the device)."""
-    from torch.profiler import ProfilerActivity, profile
+def _profiled(config, path: Path, skip: int = 16, active: int = 8):
+    """`restore` under the PyTorch profiler, recording `active` optimizer steps after the first `skip` + 2
+    (compilation and warm-up left out, as in the timed window); the table of host and device time per
+    operator goes to `path` (where a step's time goes: kernels, collectives, the host waiting)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        result = restore(config, log=lambda _: None)
+    steps = schedule(wait=skip, warmup=2, active=active, repeat=1)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=steps) as prof:
+        hook = register_optimizer_step_post_hook(lambda *_: prof.step())
+        try:
+            result = restore(config, log=lambda _: None)
+        finally:
+            hook.remove()
     averages = prof.key_averages()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n\n".join(f"sorted by {key}\n" + averages.table(sort_by=key, row_limit=40)
-                                for key in ("self_cuda_time_total", "self_cpu_time_total")) + "\n")
+    head = f"{active} optimizer steps after the first {skip + 2}\n\n"
+    path.write_text(head + "\n\n".join(f"sorted by {key}\n" + averages.table(sort_by=key, row_limit=40)
+                                       for key in ("self_cuda_time_total", "self_cpu_time_total")) + "\n")
     return result
 
 
