@@ -78,6 +78,20 @@ def test_report_files(results):
         assert f"]({png})" in report
 
 
+def test_plots_tell_many_models_apart(results, tmp_path):
+    from linearard.evaluation.plots import _colors, write_plots
+
+    for n in (1, 2, 10, 14, 20, 25):
+        assert len(set(_colors(n))) == n  # matplotlib's default cycle repeats after ten
+    res, _ = results
+    many = {f"run {k}": res["models"]["other"] for k in range(14)}  # a study plots a dozen runs or more
+    wide = {**res, "models": {"original": res["models"]["original"], **many},
+            "recovery": {"original": res["recovery"]["original"], **{k: res["recovery"]["other"] for k in many}}}
+    written = write_plots(wide, tmp_path)
+    assert {p.name for p in written} >= {"ppl_vs_length.png", "benchmarks.png"}
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
 def cell(value, stderr=0.01):
     return {"value": value, "stderr": stderr, "n": 100}
 

@@ -39,6 +39,21 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def _colors(n: int) -> list:
+    """`n` colours that tell `n` models apart: matplotlib's ten-colour cycle repeats after ten (a study
+    plots a dozen runs or more), so larger sets take tab20 and, beyond twenty, a continuous map."""
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["turbo"](i / (n - 1)) for i in range(n)]
+
+
+# more legend entries than this go beside the axes, where they hide no data
+_INSIDE_LEGEND = 6
+_BESIDE = dict(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
 def _series(metrics: dict, prefix: str) -> tuple[list[int], list[float]]:
     points = sorted(
         (int(k[len(prefix):]), c["value"])
@@ -54,7 +69,8 @@ def _ppl_vs_length(results: dict, path: Path) -> Path:
     fig = Figure(figsize=(6 * len(panels), 4.2))
     for k, task in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
-        for name, m in results["models"].items():
+        colors = _colors(len(results["models"]))
+        for color, (name, m) in zip(colors, results["models"].items()):
             if task not in m["tasks"]:
                 continue
             metrics = m["tasks"][task]["metrics"]
@@ -65,7 +81,7 @@ def _ppl_vs_length(results: dict, path: Path) -> Path:
                 pts = sorted((ctx[key], c["value"]) for key, c in metrics.items() if not is_na(c))
                 xs, ys = [p[0] for p in pts], [p[1] for p in pts]
             if xs:
-                ax.plot(xs, ys, marker="o", label=name)
+                ax.plot(xs, ys, marker="o", label=name, color=color)
         if task == "ppl":
             ax.set_xscale("log", base=2)
             ax.set_xlabel("window length (tokens)")
@@ -77,7 +93,12 @@ def _ppl_vs_length(results: dict, path: Path) -> Path:
             ax.set_title(f"perplexity of the last {target} tokens")
         ax.set_ylabel("perplexity")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    if len(lines) > _INSIDE_LEGEND:  # one legend for the panels, beside the last
+        fig.axes[-1].legend(list(lines.values()), list(lines), **_BESIDE)
+    else:
+        for ax in fig.axes:
+            ax.legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -105,10 +126,10 @@ def _passkey_heatmap(results: dict, name: str, path: Path) -> Path:
 
 def _benchmark_bars(results: dict, tasks: list[str], path: Path) -> Path:
     models = list(results["models"])
-    fig = Figure(figsize=(max(6.0, 1.3 * len(tasks) * max(1, len(models)) ** 0.5), 4.2))
+    fig = Figure(figsize=(min(20.0, max(6.0, 1.3 * len(tasks) * max(1, len(models)) ** 0.5)), 4.2))
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(models)
-    for k, name in enumerate(models):
+    for k, (name, color) in enumerate(zip(models, _colors(len(models)))):
         xs, ys, errs = [], [], []
         for i, task in enumerate(tasks):
             res = results["models"][name]["tasks"].get(task)
@@ -120,12 +141,12 @@ def _benchmark_bars(results: dict, tasks: list[str], path: Path) -> Path:
             errs.append(cell["stderr"] or 0.0)
         rec = results["recovery"][name]["mean"]
         label = name if is_na(rec) else f"{name} (recovery {100 * rec['value']:.1f}%)"
-        ax.bar(xs, ys, width=width, yerr=errs, capsize=2, label=label)
+        ax.bar(xs, ys, width=width, yerr=errs, capsize=2, label=label, color=color)
     labels = [f"{t}\n{BENCHMARKS[t].primary}" if t in BENCHMARKS else t for t in tasks]
     ax.set_xticks(range(len(tasks)), labels, fontsize=8)
     ax.set_ylabel("score")
     ax.set_title("short-text benchmarks (± standard error)")
-    ax.legend(fontsize=8)
+    ax.legend(**(_BESIDE if len(models) > _INSIDE_LEGEND else {"fontsize": 8}))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
