@@ -341,7 +341,12 @@ def test_a_failed_run_does_not_stop_the_others(workspace, study_copy, monkeypatc
 
 def test_other_settings_in_the_same_folder_are_an_error(workspace, finished_study, capsys):
     assert main(study_args(workspace, finished_study, "--set", "lr=0.002")) == 2
-    assert "made with other settings (lr 0.001 -> 0.002)" in capsys.readouterr().err
+    err = capsys.readouterr().err  # every trained arm's folder, in one error, so one rerun can follow
+    assert "5 folders hold runs made with other settings: " in err and len(err.strip().splitlines()) == 1
+    for arm in ("cpt", "logits", "hidden", "ard", "ard+cpt"):
+        assert f"{finished_study / 'runs' / arm / 'seed-0'} (arm {arm}: lr 0.001 -> 0.002)" in err
+    assert main(study_args(workspace, finished_study, "--arms", "native,ard", "--set", "lr=0.002")) == 2
+    assert "holds a run of arm ard made with other settings (lr 0.001 -> 0.002)" in capsys.readouterr().err
     assert main(study_args(workspace, finished_study, "--rope-factor", "2")) == 2
     assert main(study_args(workspace, finished_study, "--arms", "native,ard,bogus")) == 2
     assert "unknown arm 'bogus'" in capsys.readouterr().err

@@ -386,18 +386,33 @@ class Study:
         return "resume" if latest_checkpoint(run.folder / "train") is not None else "train"
 
     def _check_same_settings(self, run: Run, record: dict) -> None:
-        where = f"{run.folder} holds a run of arm {run.arm.name} made with other settings"
-        hint = "use another --output, or delete that folder to redo the run"
+        changed = self._changed(run, record)
+        if changed:
+            raise UserError(f"{run.folder} holds a run of arm {run.arm.name} made with other settings ({changed}); "
+                            "use another --output, or delete that folder to redo the run")
+
+    def _changed(self, run: Run, record: dict) -> str:
+        """What of `run`'s settings differs from those of the run recorded in its folder ("" if nothing)."""
         if not run.arm.trains:
-            if record.get("model") != run.spec:
-                raise UserError(f"{where} (model {record.get('model')!r}, now {run.spec!r}); {hint}")
-            return
+            model = record.get("model")
+            return f"model {model!r}, now {run.spec!r}" if model != run.spec else ""
         saved = record.get("config") or {}
         now = json.loads(json.dumps(run.config.to_dict()))
         changed = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
-        if changed:
-            details = ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed[:3])
-            raise UserError(f"{where} ({details}); {hint}")
+        return ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed[:3])
+
+    def _check_every_folder(self, runs: list[Run]) -> None:
+        """One error naming every folder whose run was made with other settings (extending the sweep can
+        change the rate of several arms at once), before any work."""
+        conflicts = []
+        for run in runs:
+            record = {} if run.pending else read_json(run.record_path)
+            changed = self._changed(run, record) if record else ""
+            if changed:
+                conflicts.append(f"{run.folder} (arm {run.arm.name}: {changed})")
+        if len(conflicts) > 1:
+            raise UserError(f"{len(conflicts)} folders hold runs made with other settings: {'; '.join(conflicts)}; "
+                            "use another --output, or delete those folders to redo the runs")
 
     def todo(self) -> list[Run]:
         """The unfinished runs in the order they run: the reference, the sweep, then the arms.
@@ -408,6 +423,7 @@ class Study:
             UserError: ``only`` names a run that is not in the plan.
         """
         every = self.every_run()
+        self._check_every_folder(every)
         statuses = {r.label: self.status(r) for r in every}  # every folder checked before any work
         # The reference first: without it nothing can be compared, so a problem with it should stop the study early.
         todo = [r for r in every if statuses[r.label] not in ("done", "failed")]
