@@ -689,6 +689,24 @@ def test_a_merge_without_the_reference_evaluates_it_once(workspace, finished_stu
     assert results["by_arm"]["recovery"]["native"]["mean"]["value"] == 1.0
 
 
+def test_a_study_of_another_rope_takes_the_native_record_of_the_same_model(workspace, finished_study, tmp_path,
+                                                                           monkeypatch):
+    # the native model's evaluation does not depend on the student's RoPE: copied into the YaRN study's
+    # folder, it counts there, and only the YaRN student is evaluated
+    real_evaluate = evaluation.evaluate
+    evaluated = []
+    monkeypatch.setattr(evaluation, "evaluate",
+                        lambda models, *a, **kw: evaluated.append(list(models)) or real_evaluate(models, *a, **kw))
+    yarn = tmp_path / "yarn"
+    shutil.copytree(finished_study / "runs" / "native", yarn / "runs" / "native")
+    assert main(study_args(workspace, yarn, "--rope-type", "yarn", "--arms", "native,scaled")) == 0
+    assert evaluated == [["native", "scaled"], ["scaled"]]  # native only as the reference of agreement and chat
+    results = json.loads((yarn / "results.json").read_text())
+    assert results["evaluation"]["models"]["native"] == json.loads(
+        (finished_study / "results.json").read_text())["evaluation"]["models"]["native"]
+    assert results["study"]["rope"]["type"] == "yarn"
+
+
 # -- several devices ----------------------------------------------------------------------------------------
 
 
