@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from linearard.config import build_config
+from linearard.training.distributed import setup, teardown
 from linearard.training.loop import restore
 from linearard.training.metrics import read_metrics
 
@@ -46,15 +47,17 @@ def run_one(args: argparse.Namespace) -> None:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.reset_peak_memory_stats()
     data_rate = _data_rate(args, rank, world)
-    link = _allreduce_ms() if world > 1 else None
+    # the process group restore joins, started here so that the link can be timed alone first
+    group = setup(args.strategy, "cuda") if world > 1 else None
+    link = _allreduce_ms(group.device) if group is not None else None
     start = time.perf_counter()
     if args.profile:
         result = _profiled(config, out / f"profile_rank{rank}.txt")
     else:
         result = restore(config, log=lambda _: None)
     seconds = time.perf_counter() - start
-    if link is not None:  # the group this process started for the probe; restore leaves it alone
-        torch.distributed.destroy_process_group()
+    if group is not None:
+        teardown(group)
     shape = json.loads((Path(args.model) / "config.json").read_text())
     record = {"rank": rank, "world_size": world, "strategy": args.strategy, "seq_len": args.seq_len,
               "model": {k: shape.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -90,16 +93,11 @@ def _data_rate(args: argparse.Namespace, rank: int, world: int) -> float:
     return own * args.seq_len / (time.perf_counter() - start)
 
 
-def _allreduce_ms(sizes_mb=(1, 16, 64), repeats: int = 20) -> dict[str, float]:
+def _allreduce_ms(device: torch.device, sizes_mb=(1, 16, 64), repeats: int = 20) -> dict[str, float]:
     """Median milliseconds of one all-reduce (sum) of `sizes_mb` megabytes of fp32 between this run's
-    processes on their GPUs, the link alone (no training beside it). Starts the process group that
-    `restore` then uses."""
-    import datetime
-
+    processes on their GPUs, the link alone (no training beside it)."""
     import torch.distributed as dist
 
-    device = torch.device("cuda", torch.cuda.current_device())
-    dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=30), device_id=device)
     times = {}
     for mb in sizes_mb:
         x = torch.ones(mb * 2**20 // 4, device=device)
