@@ -67,9 +67,9 @@ def _ppl_vs_length(results: dict, path: Path) -> Path:
     tasks = results["meta"]["tasks"]
     panels = [t for t in ("ppl", "longppl") if t in tasks]
     fig = Figure(figsize=(6 * len(panels), 4.2))
+    colors = _colors(len(results["models"]))  # a model keeps its colour in every panel
     for k, task in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
-        colors = _colors(len(results["models"]))
         for color, (name, m) in zip(colors, results["models"].items()):
             if task not in m["tasks"]:
                 continue
