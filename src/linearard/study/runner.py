@@ -423,17 +423,18 @@ class Study:
             UserError: ``only`` names a run that is not in the plan.
         """
         every = self.every_run()
-        self._check_every_folder(every)
-        statuses = {r.label: self.status(r) for r in every}  # every folder checked before any work
-        # The reference first: without it nothing can be compared, so a problem with it should stop the study early.
-        todo = [r for r in every if statuses[r.label] not in ("done", "failed")]
         if self.s.only:
             labels = {r.label for r in every}
             unknown = [label for label in self.s.only if label not in labels]
             if unknown:
                 raise UserError(f"no run {unknown[0]!r} in this study")
-            todo = [r for r in todo if r.label in self.s.only]
-        return todo
+            # A worker answers for its own runs only: a sweep that finishes while the study runs can make
+            # another arm's folder stale, which the parent reports once; it must not stop every worker.
+            every = [r for r in every if r.label in self.s.only]
+        self._check_every_folder(every)
+        statuses = {r.label: self.status(r) for r in every}  # every folder checked before any work
+        # The reference first: without it nothing can be compared, so a problem with it should stop the study early.
+        return [r for r in every if statuses[r.label] not in ("done", "failed")]
 
     def every_run(self) -> list[Run]:
         """The reference (where this study evaluates it), the sweep runs, then every other run."""
@@ -646,7 +647,7 @@ def describe_plan(study: Study, runs: list[Run]) -> str:
         state = study.status(run)
         if run.arm.trains:
             stages = " then ".join(
-                f"{st.objective.name}: {format_tokens(st.tokens)} tokens in {st.steps} steps of "
+                f"{st.objective.name}: {format_tokens(st.tokens, exact=False)} tokens in {st.steps} steps of "
                 f"{st.tokens_per_step // st.seq_len} x {st.seq_len}" for st in run.stages
             )
             lr = "lr from the sweep" if run.pending else f"lr {run.config.lr:g}"
