@@ -68,6 +68,9 @@ def test_arm_variants_parse_to_canonical_names():
 def test_token_counts_are_written_as_budgets():
     assert [format_tokens(n) for n in (4_250_000, 250_000, 1_500, 160, 1_234_567)] == [
         "4.25M", "0.25M", "1.5K", "160", "1234567"]
+    # what a run trained (whole steps of its budget), as reports show it
+    assert [format_tokens(n, exact=False) for n in (4_227_072, 229_376, 1_998_848, 1_500, 160)] == [
+        "4.23M", "0.229M", "2M", "1.5K", "160"]
 
 
 @pytest.mark.parametrize(
@@ -347,6 +350,10 @@ def test_other_settings_in_the_same_folder_are_an_error(workspace, finished_stud
         assert f"{finished_study / 'runs' / arm / 'seed-0'} (arm {arm}: lr 0.001 -> 0.002)" in err
     assert main(study_args(workspace, finished_study, "--arms", "native,ard", "--set", "lr=0.002")) == 2
     assert "holds a run of arm ard made with other settings (lr 0.001 -> 0.002)" in capsys.readouterr().err
+    # a worker of --devices answers for its own run: other arms' stale folders are the parent's to report
+    assert main(study_args(workspace, finished_study, "--set", "lr=0.002", "--only", "native")) == 0
+    assert main(study_args(workspace, finished_study, "--set", "lr=0.002", "--only", "ard")) == 2
+    assert "holds a run of arm ard made with other settings" in capsys.readouterr().err
     assert main(study_args(workspace, finished_study, "--rope-factor", "2")) == 2
     assert main(study_args(workspace, finished_study, "--arms", "native,ard,bogus")) == 2
     assert "unknown arm 'bogus'" in capsys.readouterr().err

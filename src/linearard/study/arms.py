@@ -308,15 +308,18 @@ def _setting(key: str, raw: str, text: str) -> tuple[str, Any, str]:
     return name, coerce(name, value, origin=f"arm {text!r}"), raw
 
 
-def format_tokens(n: int) -> str:
+def format_tokens(n: int, *, exact: bool = True) -> str:
     """A token count the way budgets are written: ``250000`` -> ``0.25M``, ``1500`` -> ``1.5K``.
 
-    Falls back to the plain number where the short form would not read back exactly.
+    `exact` (names and budgets) falls back to the plain number where the short form would not read back
+    exactly; otherwise (the tokens a run trained, in reports) three significant digits: ``4227072`` -> ``4.23M``.
     """
     # (unit, its size, the smallest count written with it): 250000 reads better as 0.25M than 250K.
     for unit, size, smallest in (("M", 10**6, 10**5), ("K", 10**3, 10**3)):
         if n >= smallest:
             short = f"{n / size:g}{unit}"
+            if not exact:
+                return f"{n / size:.3g}{unit}"
             if parse_count(short) == n:
                 return short
     return str(n)

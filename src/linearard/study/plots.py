@@ -55,7 +55,7 @@ def budget_curve(points: dict[str, list[dict[str, Any]]], by_arm: dict[str, Any]
                        label="scaled, untrained")
         ax.set_xscale("log")
         ax.set_xticks(budgets)  # ticks at the budgets that were trained, labelled as budgets are written
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_tokens(round(x))))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_tokens(round(x), exact=False)))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training tokens")
         ax.set_ylabel(label)

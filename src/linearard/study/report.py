@@ -327,9 +327,9 @@ def budget_sentences(results: dict[str, Any]) -> list[str]:
             step = _compare(last[key], points[-2][key], lower) if points[-2][key] else {"outcome": "n/a"}
             tail = {"wins": "still improving", "ties": "flat within 2 standard errors",
                     "loses": "worse", "n/a": "not measured"}[step["outcome"]]
-            parts.append(f"{name} {first[key]['value'] * scale:.{digits}f}{unit} at {format_tokens(first['tokens'])} → "
-                         f"{last[key]['value'] * scale:.{digits}f}{unit} at {format_tokens(last['tokens'])} "
-                         f"(from {format_tokens(points[-2]['tokens'])}: {tail})")
+            first_at, last_at, before = (format_tokens(p["tokens"], exact=False) for p in (first, last, points[-2]))
+            parts.append(f"{name} {first[key]['value'] * scale:.{digits}f}{unit} at {first_at} → "
+                         f"{last[key]['value'] * scale:.{digits}f}{unit} at {last_at} (from {before}: {tail})")
         if parts:
             lines.append(f"- `{family}`: " + "; ".join(parts) + ".")
     return lines
@@ -407,7 +407,7 @@ def describe_arm(run: Run, study: Study) -> str:
     stages = []
     for stage in run.stages:
         what = "next-token loss" if stage.objective.name == "cpt" else f"{stage.objective.name} distillation"
-        stages.append(f"{what} on {stage.seq_len}-token blocks for {format_tokens(stage.tokens)} tokens")
+        stages.append(f"{what} on {stage.seq_len}-token blocks for {format_tokens(stage.tokens, exact=False)} tokens")
     extras = []
     ard = c.objective_spec().term("ard")
     if ard is not None:
@@ -494,15 +494,15 @@ def _training_table(results: dict[str, Any]) -> str:
         if not t:
             rows.append(f"| {info['label']} | not trained yet | | | | |")
             continue
-        stages = " + ".join(f"{s['objective']} {format_tokens(s['tokens'])} × {s['seq_len']} ({s['steps']} steps)"
-                            for s in t["stages"])
+        stages = " + ".join(f"{s['objective']} {format_tokens(s['tokens'], exact=False)} × {s['seq_len']} "
+                            f"({s['steps']} steps)" for s in t["stages"])
         time_text = _duration(t["seconds"])
         if t["seconds_spread"] is not None:
             time_text += f" ± {_duration(t['seconds_spread'])}"
         if t["resumed"]:
             time_text += " (resumed: last session only)"
         memory = f"{t['peak_memory_bytes'] / 2**30:.1f} GiB" if t["peak_memory_bytes"] else "—"
-        rows.append(f"| {info['label']} | {format_tokens(t['tokens'])} | {stages} | {time_text} | "
+        rows.append(f"| {info['label']} | {format_tokens(t['tokens'], exact=False)} | {stages} | {time_text} | "
                     f"{_hours(t['gpu_seconds'])} | {memory} |")
     return "\n".join(rows)
 
@@ -513,7 +513,7 @@ def _budget_table(results: dict[str, Any]) -> str:
         for p in points:
             cells = [format_cell(p["recovery"], digits=1, percent=True),
                      *(format_cell(p[k], digits=4 if k == "kl" else 3) if p[k] else "—" for k in ("kl", "top1"))]
-            rows.append(f"| {p['label']} | {format_tokens(p['tokens'])} | " + " | ".join(cells) + " |")
+            rows.append(f"| {p['label']} | {format_tokens(p['tokens'], exact=False)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
