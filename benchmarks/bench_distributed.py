@@ -38,7 +38,7 @@ def run_one(args: argparse.Namespace) -> None:
         flags=dict(
             model=args.model, data=[args.data], seq_len=args.seq_len, rope_type="linear", rope_factor=args.rope_factor,
             tokens_per_step=args.tokens_per_step, max_tokens=args.tokens_per_step * args.steps,
-            strategy=args.strategy, output=str(out / "run"),
+            strategy=args.strategy, reduce_dtype=args.reduce_dtype, output=str(out / "run"),
             gradient_checkpointing=args.gradient_checkpointing, save_every=0, export=False, eval=False,
             warmup_steps=1, log_every=1,
         )
@@ -59,7 +59,8 @@ def run_one(args: argparse.Namespace) -> None:
     if group is not None:
         teardown(group)
     shape = json.loads((Path(args.model) / "config.json").read_text())
-    record = {"rank": rank, "world_size": world, "strategy": args.strategy, "seq_len": args.seq_len,
+    record = {"rank": rank, "world_size": world, "strategy": args.strategy, "reduce_dtype": args.reduce_dtype,
+              "seq_len": args.seq_len,
               "model": {k: shape.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                    "vocab_size", "max_position_embeddings")},
               "rope_factor": args.rope_factor,
@@ -145,8 +146,9 @@ def merge(folders: list[str], results: Path) -> None:
         steps = steps[16:] or steps[-1:]
         tokens_per_s = statistics.median(r["tokens_per_s"] for r in steps)
         world = ranks[0]["world_size"]
-        rows.append({**{k: ranks[0].get(k) for k in ("model", "strategy", "world_size", "seq_len", "rope_factor",
-                                                    "tokens_per_step", "gpu", "torch", "gradient_checkpointing")},
+        rows.append({**{k: ranks[0].get(k) for k in ("model", "strategy", "reduce_dtype", "world_size", "seq_len",
+                                                    "rope_factor", "tokens_per_step", "gpu", "torch",
+                                                    "gradient_checkpointing")},
                      "tokens_per_s": round(tokens_per_s, 1),
                      "tokens_per_s_per_gpu": round(tokens_per_s / world, 1),
                      "peak_gib_per_gpu": [r["peak_gib"] for r in ranks],
@@ -168,6 +170,8 @@ def main() -> int:
     parser.add_argument("--tokens-per-step", type=int, default=32768, help="all processes together")
     parser.add_argument("--rope-factor", type=float, default=4.0, help="linear RoPE scaling of the student")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="precision of the gradient all-reduce between processes (ddp/fsdp)")
     parser.add_argument("--out", help="folder for this run's per-rank numbers")
     parser.add_argument("--profile", action="store_true",
                         help="also write each rank's operator profile to --out (slows the run: time it apart)")

@@ -109,6 +109,8 @@ def test_parse_weights_and_options():
         (dict(flags={"cpt_tokens": 50_000}), "--cpt-tokens (50000) must be below --max-tokens"),
         (dict(flags={"rope_type": "ntk"}), "unknown value 'ntk'"),
         (dict(flags={"strategy": "zero3"}), "--strategy"),
+        (dict(flags={"reduce_dtype": "fp16"}), "--reduce-dtype: unknown value 'fp16'"),
+        (dict(flags={"reduce_dtype": "bf16"}), "it needs --strategy ddp or fsdp"),
         (dict(sets=["lora_rnak=4"]), "did you mean 'lora_rank'"),
         (dict(sets=["lr"]), "KEY=VALUE"),
         (dict(sets=["seq_len=abc"]), "cannot read 'abc' as int"),

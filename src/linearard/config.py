@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from linearard.objectives.spec import ObjectiveSpec
 
 STRATEGIES = ("none", "ddp", "fsdp")
+REDUCE_DTYPES = ("fp32", "bf16")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ROPE_KEYS = ("rope_type", "rope_factor", "target_length")
@@ -213,6 +214,13 @@ class RestoreConfig:
     strategy: str = _opt(
         "none", "multi-process training under torchrun: ddp or fsdp (FSDP2)", "run", choices=STRATEGIES
     )
+    reduce_dtype: str = _opt(
+        "fp32",
+        "precision of the gradient reduction between processes under ddp/fsdp: fp32, or bf16 (half the bytes "
+        "on a slow link; each process's gradients are rounded to bf16 before they are averaged)",
+        "run",
+        choices=REDUCE_DTYPES,
+    )
     device: str = _opt("auto", "where to train (auto = CUDA when available)", "run", choices=DEVICES)
     export: bool = _opt(True, "write the merged model and the adapters to OUTPUT/model at the end", "run")
     log_every: int = _opt(1, "write metrics every N optimizer steps", "run", metavar="N")
@@ -252,11 +260,14 @@ class RestoreConfig:
                 f"--cpt-tokens ({self.cpt_tokens}) must be below --max-tokens ({self.max_tokens}), "
                 "which is the budget of both stages together"
             )
-        for name in ("rope_type", "adapter", "strategy", "precision", "device"):
+        for name in ("rope_type", "adapter", "strategy", "reduce_dtype", "precision", "device"):
             choices = _FIELDS[name].metadata["choices"]
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise UserError(f"{_flag(name)}: unknown value {value!r}; choose one of {', '.join(choices)}")
+        if self.reduce_dtype != "fp32" and self.strategy == "none":
+            raise UserError("--reduce-dtype sets how processes average their gradients: it needs --strategy ddp or "
+                            "fsdp under torchrun")
         if self.resume and self.overwrite:
             raise UserError("--resume continues the run in --output and --overwrite starts it over: give one")
         self.objective_spec()

@@ -10,9 +10,11 @@ unused parameters starts from the loss and sees exactly the adapters that get a 
 root (the embeddings, final norm and a tied LM head) stays gathered across both forwards.
 
 - ``ddp``: DistributedDataParallel over the model; only trainable parameters (the adapters) are
-  all-reduced, and gradient accumulation skips the all-reduce on all but the last micro-batch.
+  all-reduced (in fp32, or in bf16 with ``reduce_dtype``), and gradient accumulation skips the all-reduce
+  on all but the last micro-batch.
 - ``fsdp``: FSDP2 ``fully_shard`` on every decoder layer and on the root, frozen base and trainable
-  adapters sharded alike; bf16 mixed precision when training in bf16. The teacher is the same
+  adapters sharded alike; bf16 mixed precision when training in bf16 (gradients reduced in fp32 unless
+  ``reduce_dtype`` is bf16). The teacher is the same
   sharded weights with the adapters switched off, so nothing is loaded twice.
 """
 
@@ -144,6 +146,7 @@ def wrap(
     decoder_layers: list[nn.Module],
     *,
     bf16: bool,
+    reduce_bf16: bool = False,
     find_unused: bool = True,
 ) -> nn.Module:
     """Wrap `module` for `ctx.strategy`; the returned module is what the loop calls.
@@ -151,7 +154,8 @@ def wrap(
     Args:
         module: the objective as a module.
         decoder_layers: the model's decoder layers (FSDP shards each on its own).
-        bf16: FSDP gathers the weights in bf16 and reduces gradients in fp32.
+        bf16: FSDP gathers the weights in bf16 (and reduces gradients in fp32 unless `reduce_bf16`).
+        reduce_bf16: average the gradients between processes in bf16: half the bytes of fp32 on the link.
         find_unused: DDP looks for adapters without a gradient each step (needed when the objective
             cannot reach some of them: `linearard.objectives.ObjectiveSpec.reaches`).
     """
@@ -164,20 +168,22 @@ def wrap(
         # torch >= 2.13 spells "do not sync them every forward" differently.
         params = inspect.signature(DistributedDataParallel.__init__).parameters
         no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-        return DistributedDataParallel(
+        wrapped = DistributedDataParallel(
             module,
             device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
             find_unused_parameters=find_unused,
             **no_sync,
         )
+        if reduce_bf16:
+            wrapped.register_comm_hook(None, bf16_average)
+        return wrapped
     if ctx.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # bf16 gathers also make a group's dtypes uniform (bf16 base weights, fp32 adapters).
-        policy = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if bf16
-            else MixedPrecisionPolicy()
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if bf16 else None,
+            reduce_dtype=torch.bfloat16 if reduce_bf16 else torch.float32 if bf16 else None,
         )
         mesh = _device_mesh(ctx)
         for layer in decoder_layers:
@@ -185,6 +191,24 @@ def wrap(
         fully_shard(module, mesh=mesh, mp_policy=policy)
         return module
     return module
+
+
+def bf16_average(group, bucket):  # unannotated: DDP rejects annotations it reads as strings
+    """DDP communication hook: average a bucket of gradients over the processes in bf16.
+
+    `group` is the process group (None: the default one) and `bucket` a ``torch.distributed.GradBucket``.
+    The bucket is rounded to bf16 and divided by the world size before the all-reduce, and the result is
+    written back into the bucket in its own dtype; returns the future DDP waits for. (PyTorch's own bf16
+    hook refuses gloo.)
+    """
+    buffer = bucket.buffer()
+    reduced = buffer.to(torch.bfloat16).div_(dist.get_world_size(group))
+    future = dist.all_reduce(reduced, group=group, async_op=True).get_future()
+
+    def written_back(done: torch.futures.Future) -> torch.Tensor:
+        return buffer.copy_(done.value()[0])
+
+    return future.then(written_back)
 
 
 def _device_mesh(ctx: DistContext) -> Any:

@@ -70,11 +70,12 @@ from linearard.training.plan import (
 )
 from linearard.training.schedule import warmup_cosine
 
-# Settings that only steer bookkeeping (or, like the strategy, not the numbers: the world size is
-# checked on its own); every other setting must match to resume a run.
+# Settings that only steer bookkeeping (or, like the strategy and the precision of the gradient reduction,
+# how a step is spread over processes, not what it computes: the world size is checked on its own); every
+# other setting must match to resume a run.
 RESUMABLE_CHANGES = frozenset(
     {"resume", "overwrite", "dry_run", "output", "save_every", "keep_checkpoints", "log_every", "eval",
-     "eval_tokens", "eval_seq_len", "export", "device", "strategy"}
+     "eval_tokens", "eval_seq_len", "export", "device", "strategy", "reduce_dtype"}
 )
 OBJECTIVE_FILE = "objective.yaml"  # each stage's resolved objective, beside config.yaml (see outputs.RESTORE_ENTRIES)
 _AGREEMENT_BATCH = 4  # windows per forward pass of the end-of-run agreement
@@ -169,6 +170,7 @@ class _Run:
             ctx,
             list(self.ts.decoder.layers),
             bf16=self.bf16,
+            reduce_bf16=config.reduce_dtype == "bf16",
             find_unused=any(self._unreached(stage) for stage in plan.stages),
         )
         checkpoint = read_checkpoint(resume_from, rank=ctx.rank, world_size=ctx.world_size) if resume_from else None
