@@ -317,9 +317,9 @@ def format_tokens(n: int, *, exact: bool = True) -> str:
     # (unit, its size, the smallest count written with it): 250000 reads better as 0.25M than 250K.
     for unit, size, smallest in (("M", 10**6, 10**5), ("K", 10**3, 10**3)):
         if n >= smallest:
-            short = f"{n / size:g}{unit}"
             if not exact:
                 return f"{n / size:.3g}{unit}"
+            short = f"{n / size:g}{unit}"
             if parse_count(short) == n:
                 return short
     return str(n)
