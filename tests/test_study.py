@@ -562,6 +562,17 @@ def test_the_report_says_when_the_best_rate_is_at_an_end_of_the_sweep():
         "add it to `--lr-sweep` (the finished sweep runs count again).",
     ]  # a higher rate that diverged bounds the sweep as much as one that ran
     assert sweep_edges({"hidden": sweep["hidden"]}) == []
+    # cpt's full run agrees with native less than the untrained student: no lower rate is asked for
+    assert sweep_edges(sweep, {"cpt": 0.157, "ard": 0.0276}, 0.0927) == [
+        "The best rate was the lowest the sweep tried for ard: a lower one may be better still; "
+        "add it to `--lr-sweep` (the finished sweep runs count again).",
+        "The best rate was the highest the sweep tried for logits: a higher one may be better still; "
+        "add it to `--lr-sweep` (the finished sweep runs count again).",
+        "The best rate was the lowest the sweep tried for cpt too, but there the full run agrees with the native "
+        "model less than the untrained student (next-token KL 0.1570 against 0.0927) and every higher rate "
+        "agreed less still: a lower rate only comes closer to not training; the objective, not the rate, "
+        "limits the agreement.",
+    ]
 
 
 # -- arms as separate jobs, merged ---------------------------------------------------------------------------

@@ -360,26 +360,53 @@ def _sweep_text(results: dict[str, Any]) -> str:
                 cells.append(f"**{text}**" if rate == info["chosen"] else text)
         chosen = f"{info['chosen']:g}" if info["chosen"] is not None else "—"
         rows.append(f"| {family} | {format_tokens(info['tokens'])} | " + " | ".join(cells) + f" | {chosen} |")
-    edges = sweep_edges(sweep)
+    edges = sweep_edges(sweep, *_full_and_untrained_kl(results))
     return "\n".join(rows + (["", *edges] if edges else []))
 
 
-def sweep_edges(sweep: dict[str, Any]) -> list[str]:
+def _full_and_untrained_kl(results: dict[str, Any]) -> tuple[dict[str, float], float | None]:
+    """Next-token KL to native on held-out text of each family's full-budget arm, and of the untrained
+    student (``scaled``) when the study has it."""
+    by_arm = results["by_arm"]["models"]
+
+    def kl(label: str) -> float | None:
+        cell = by_arm.get(label, {}).get("tasks", {}).get("agreement", {}).get("metrics", {}).get("kl")
+        return None if not cell or is_na(cell) else cell["value"]
+
+    arms = {a["name"]: a["label"] for a in results["arms"]}
+    full = {f: v for f in results["sweep"] if f in arms and (v := kl(arms[f])) is not None}
+    return full, kl(arms["scaled"]) if "scaled" in arms else None
+
+
+def sweep_edges(sweep: dict[str, Any], full_kl: dict[str, float] | None = None,
+                untrained_kl: float | None = None) -> list[str]:
     """A sentence for the arms whose chosen rate is the lowest or the highest their sweep tried: the best
-    rate may lie beyond it, so the sweep did not settle it."""
-    ends: dict[str, list[str]] = {"lowest": [], "highest": []}
+    rate may lie beyond it, so the sweep did not settle it. An arm at the lowest rate whose full run
+    (``full_kl``, by family) agrees with native less than the untrained student (``untrained_kl``) is
+    said so instead: a lower rate there only comes closer to not training."""
+    full_kl = full_kl or {}
+    ends: dict[str, list[str]] = {"lowest": [], "highest": [], "away": []}
     for family, info in sweep.items():
         rates = sorted(p["lr"] for p in info["points"])
         if info["chosen"] is None or len(rates) < 2:
             continue
         if info["chosen"] == rates[0]:
-            ends["lowest"].append(family)
+            away = untrained_kl is not None and full_kl.get(family, -math.inf) > untrained_kl
+            ends["away" if away else "lowest"].append(family)
         elif info["chosen"] == rates[-1]:
             ends["highest"].append(family)
     way = {"lowest": "lower", "highest": "higher"}
-    return [f"The best rate was the {end} the sweep tried for {_and(families)}: a {way[end]} one may be better "
-            f"still; add it to `--lr-sweep` (the finished sweep runs count again)."
-            for end, families in ends.items() if families]
+    lines = [f"The best rate was the {end} the sweep tried for {_and(families)}: a {way[end]} one may be better "
+             f"still; add it to `--lr-sweep` (the finished sweep runs count again)."
+             for end, families in ends.items() if families and end in way]
+    if ends["away"]:
+        runs = "full run agrees" if len(ends["away"]) == 1 else "full runs agree"
+        kls = _and([f"{full_kl[f]:.4f}" for f in ends["away"]])
+        lines.append(f"The best rate was the lowest the sweep tried for {_and(ends['away'])} too, but there the "
+                     f"{runs} with the native model less than the untrained student (next-token KL {kls} "
+                     f"against {untrained_kl:.4f}) and every higher rate agreed less still: a lower rate only "
+                     f"comes closer to not training; the objective, not the rate, limits the agreement.")
+    return lines
 
 
 def _and(names: list[str]) -> str:
