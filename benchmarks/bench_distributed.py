@@ -7,6 +7,11 @@ each writes its own numbers, and ``--merge`` collects them into one JSON row per
     torchrun --nproc_per_node 2 benchmarks/bench_distributed.py --model M --data D --strategy ddp --out R/ddp
     python benchmarks/bench_distributed.py --merge R/single R/ddp --results benchmarks/results/x.json
 
+``--merge`` also checks the multi-process runs' result: each one's final adapters against those of the
+one-process run with the same block length, tokens per step and steps (the same global batch), tensor by
+tensor, beside what rounding that tensor to bf16 alone would change. ``--device cpu`` runs the same on
+CPU processes (gloo), as the tests do.
+
 ``--profile`` adds each rank's operator table (host and device time of 8 steps after the first 18) to its
 folder; the profiler slows the run, so a profiled run is not one of the timed ones. A run of several
 processes first times an all-reduce alone between them (1, 16 and 64 MB of fp32, as DDP's gradient
@@ -26,6 +31,7 @@ from pathlib import Path
 import torch
 
 from linearard.config import build_config
+from linearard.training.checkpoint import latest_checkpoint, read_adapters
 from linearard.training.distributed import setup, teardown
 from linearard.training.loop import restore
 from linearard.training.metrics import read_metrics
@@ -40,15 +46,17 @@ def run_one(args: argparse.Namespace) -> None:
             tokens_per_step=args.tokens_per_step, max_tokens=args.tokens_per_step * args.steps,
             strategy=args.strategy, reduce_dtype=args.reduce_dtype, output=str(out / "run"),
             gradient_checkpointing=args.gradient_checkpointing, save_every=0, export=False, eval=False,
-            warmup_steps=1, log_every=1,
+            warmup_steps=1, log_every=1, device=args.device,
+            shuffle_buffer=0,  # the corpus dealt in order: N processes see the global batch of one
         )
     )
-    # this process's own GPU before any CUDA call, or every rank would open a context on GPU 0
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    torch.cuda.reset_peak_memory_stats()
+    cuda = args.device == "cuda"
+    if cuda:  # this process's own GPU before any CUDA call, or every rank would open a context on GPU 0
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.reset_peak_memory_stats()
     data_rate = _data_rate(args, rank, world)
     # the process group restore joins, started here so that the link can be timed alone first
-    group = setup(args.strategy, "cuda") if world > 1 else None
+    group = setup(args.strategy, args.device) if world > 1 else None
     link = _allreduce_ms(group.device) if group is not None else None
     start = time.perf_counter()
     if args.profile:
@@ -66,10 +74,10 @@ def run_one(args: argparse.Namespace) -> None:
               "rope_factor": args.rope_factor,
               "tokens_per_step": args.tokens_per_step,
               "steps": result.steps, "tokens": result.tokens, "seconds": round(seconds, 2),
-              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
               "data_tokens_per_s": round(data_rate, 1),
               "allreduce_ms": link,
-              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "gradient_checkpointing": args.gradient_checkpointing}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(record))
@@ -96,7 +104,7 @@ def _data_rate(args: argparse.Namespace, rank: int, world: int) -> float:
 
 def _allreduce_ms(device: torch.device, sizes_mb=(1, 16, 64), repeats: int = 20) -> dict[str, float]:
     """Median milliseconds of one all-reduce (sum) of `sizes_mb` megabytes of fp32 between this run's
-    processes on their GPUs, the link alone (no training beside it)."""
+    processes on their devices, the link alone (no training beside it)."""
     import torch.distributed as dist
 
     times = {}
@@ -106,13 +114,18 @@ def _allreduce_ms(device: torch.device, sizes_mb=(1, 16, 64), repeats: int = 20)
         samples = []
         for _ in range(repeats):
             dist.barrier()
-            torch.cuda.synchronize()
+            _synchronize(device)
             start = time.perf_counter()
             dist.all_reduce(x)
-            torch.cuda.synchronize()
+            _synchronize(device)
             samples.append((time.perf_counter() - start) * 1000)
         times[f"{mb}MB"] = round(statistics.median(samples), 3)
     return times
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _profiled(config, path: Path, skip: int = 16, active: int = 8):
@@ -138,7 +151,7 @@ def _profiled(config, path: Path, skip: int = 16, active: int = 8):
 
 
 def merge(folders: list[str], results: Path) -> None:
-    rows = []
+    rows, adapters = [], []
     for folder in folders:
         ranks = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("rank*.json"))]
         # the first read of the metrics (16 steps, or all of a shorter run) includes the warm-up
@@ -154,10 +167,34 @@ def merge(folders: list[str], results: Path) -> None:
                      "peak_gib_per_gpu": [r["peak_gib"] for r in ranks],
                      "data_tokens_per_s_per_rank": [r.get("data_tokens_per_s") for r in ranks],
                      "allreduce_ms_per_rank": [r.get("allreduce_ms") for r in ranks],
-                     "timed_steps": len(steps)})
-        print(json.dumps(rows[-1]))
+                     "timed_steps": len(steps), "steps": ranks[0]["steps"]})
+        adapters.append(read_adapters(latest_checkpoint(Path(folder) / "run")))
+    same_run = ("model", "rope_factor", "seq_len", "tokens_per_step", "steps")
+    for row, final in zip(rows, adapters):
+        single = next((a for r, a in zip(rows, adapters)
+                       if r["world_size"] == 1 and all(r[k] == row[k] for k in same_run)), None)
+        if row["world_size"] > 1 and single is not None:
+            row["adapters_vs_one_process"] = compare_adapters(final, single)
+        print(json.dumps(row))
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
+
+
+def compare_adapters(run: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict:
+    """How far a run's adapters are from the reference's, tensor by tensor: the relative difference
+    ||run - ref|| / ||ref|| of the tensor where it is largest against the relative change that rounding
+    that tensor to bf16 alone makes (the bf16 rounding the runs are allowed to differ by)."""
+    if run.keys() != reference.keys():
+        raise ValueError(f"the runs train different tensors: {sorted(run.keys() ^ reference.keys())[:4]}")
+    rows = []
+    for name, ref in reference.items():
+        ref = ref.double()
+        scale = max(ref.norm().item(), 1e-30)
+        rows.append((name, (run[name].double() - ref).norm().item() / scale,
+                     (ref.to(torch.bfloat16).double() - ref).norm().item() / scale))
+    name, difference, rounding = max(rows, key=lambda r: r[1] / max(r[2], 1e-30))
+    return {"tensors": len(reference), "worst_tensor": name, "relative_difference": difference,
+            "bf16_rounding": rounding, "within_bf16_rounding": difference <= rounding}
 
 
 def main() -> int:
@@ -172,6 +209,8 @@ def main() -> int:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default="fp32",
                         help="precision of the gradient all-reduce between processes (ddp/fsdp)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: the same run on CPU processes (gloo), as the tests do")
     parser.add_argument("--out", help="folder for this run's per-rank numbers")
     parser.add_argument("--profile", action="store_true",
                         help="also write each rank's operator profile to --out (slows the run: time it apart)")

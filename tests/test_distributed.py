@@ -236,3 +236,42 @@ def test_the_bf16_hook_averages_gradients_rounded_to_bf16(tmp_path):
     assert layer.weight.grad.dtype == torch.float32
     assert torch.equal(layer.weight.grad, exact.to(torch.bfloat16).float())  # one process: the average is itself
     assert not torch.equal(layer.weight.grad, exact)
+
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py"
+
+
+def test_the_distributed_benchmark_checks_its_adapters_against_one_process(setup, tmp_path):
+    """What the GPU scaling runs record: N processes' final adapters against one process's with the same
+    global batch, within bf16 rounding (here fp32 on CPU: much closer)."""
+    root = setup[0]
+    args = ["--device", "cpu", "--model", str(root / "model"), "--data", str(root / "data"), "--seq-len", "64",
+            "--tokens-per-step", "128", "--steps", "3"]
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(BENCH), *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _torchrun([*args, "--strategy", "ddp", "--out", str(tmp_path / "ddp")], program=(str(BENCH),))
+    assert two.returncode == 0, two.stderr[-2000:]
+    merged = subprocess.run([sys.executable, str(BENCH), "--merge", str(tmp_path / "one"), str(tmp_path / "ddp"),
+                             "--results", str(tmp_path / "rows.json")], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    single, ddp = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert "adapters_vs_one_process" not in single and ddp["world_size"] == 2
+    check = ddp["adapters_vs_one_process"]
+    assert check["within_bf16_rounding"] and check["relative_difference"] < 1e-4 < check["bf16_rounding"]
+
+    # the check itself: a difference beyond bf16 rounding in one tensor is found and named
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from bench_distributed import compare_adapters
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    final = read_checkpoint(latest_checkpoint(tmp_path / "one" / "run")).adapters
+    name = sorted(final)[3]
+    moved = {**final, name: final[name] * 1.01}
+    assert compare_adapters(final, final)["relative_difference"] == 0
+    check = compare_adapters(moved, final)
+    assert check["worst_tensor"] == name and not check["within_bf16_rounding"]
+    assert check["relative_difference"] == pytest.approx(0.01, rel=1e-6)
