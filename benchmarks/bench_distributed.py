@@ -72,7 +72,8 @@ def run_one(args: argparse.Namespace) -> None:
               "model": {k: shape.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                    "vocab_size", "max_position_embeddings")},
               "rope_factor": args.rope_factor,
-              "tokens_per_step": args.tokens_per_step,
+              # as trained: a step holds at least one block per process, whatever --tokens-per-step asked
+              "tokens_per_step": result.tokens // max(result.steps, 1),
               "steps": result.steps, "tokens": result.tokens, "seconds": round(seconds, 2),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
               "data_tokens_per_s": round(data_rate, 1),
