@@ -568,7 +568,7 @@ def test_the_report_says_when_the_best_rate_is_at_an_end_of_the_sweep():
         "add it to `--lr-sweep` (the finished sweep runs count again).",
         "The best rate was the highest the sweep tried for logits: a higher one may be better still; "
         "add it to `--lr-sweep` (the finished sweep runs count again).",
-        "The best rate was the lowest the sweep tried for cpt too, but there the full run agrees with the native "
+        "The best rate was the lowest the sweep tried for cpt, but there the full run agrees with the native "
         "model less than the untrained student (next-token KL 0.1570 against 0.0927) and every higher rate "
         "agreed less still: a lower rate only comes closer to not training; the objective, not the rate, "
         "limits the agreement.",

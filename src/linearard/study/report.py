@@ -402,7 +402,7 @@ def sweep_edges(sweep: dict[str, Any], full_kl: dict[str, float] | None = None,
     if ends["away"]:
         runs = "full run agrees" if len(ends["away"]) == 1 else "full runs agree"
         kls = _and([f"{full_kl[f]:.4f}" for f in ends["away"]])
-        lines.append(f"The best rate was the lowest the sweep tried for {_and(ends['away'])} too, but there the "
+        lines.append(f"The best rate was the lowest the sweep tried for {_and(ends['away'])}, but there the "
                      f"{runs} with the native model less than the untrained student (next-token KL {kls} "
                      f"against {untrained_kl:.4f}) and every higher rate agreed less still: a lower rate only "
                      f"comes closer to not training; the objective, not the rate, limits the agreement.")
