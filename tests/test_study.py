@@ -404,6 +404,24 @@ def test_seeds_aggregate_and_budget_curve(workspace, study_copy, monkeypatch):
     assert not (study_copy / "passkey_cpt.png").exists()  # plots of arms no longer listed are removed
 
 
+def test_the_report_sets_each_variant_of_ard_against_ard(workspace, study_copy):
+    args = study_args(workspace, study_copy, "--arms", "native,scaled,cpt,ard,ard[v],ard[v]@50%,ard@50%")
+    assert main(args) == 0
+    results = json.loads((study_copy / "results.json").read_text())
+    # ard[v] at ard's budget is a variant; ard[v]@50% (another budget) and ard@50% (a budget point) are not
+    assert [(v["ard"], v["baseline"]) for v in results["variants"]] == [("ard[v]", "ard")]
+    kl = next(m for m in results["variants"][0]["metrics"] if m["name"] == "next-token KL")
+    models = results["by_arm"]["models"]
+    assert kl["ard"] == models["ard[v]"]["tasks"]["agreement"]["metrics"]["kl"]
+    assert kl["baseline"] == models["ard"]["tasks"]["agreement"]["metrics"]["kl"]
+    assert kl["difference"] == pytest.approx(kl["ard"]["value"] - kl["baseline"]["value"])
+    assert kl["outcome"] in {"wins", "ties", "loses"}
+    report = (study_copy / "report.md").read_text()
+    section = report.split("## ARD's variants against ARD")[1].split("\n## ")[0]
+    assert "- **ard[v] vs ard**: " + kl["outcome"] + " on next-token KL" in section
+    assert ("ard", "cpt") in {(v["ard"], v["baseline"]) for v in results["verdict"]}  # ard[v] is no baseline
+
+
 # -- fairness: tokens per step, checkpointing ----------------------------------------------------------
 
 

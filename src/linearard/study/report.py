@@ -12,6 +12,7 @@ run's evaluation in full.
 - ``by_arm``: the same with one seed-aggregated entry per arm (what the main tables show);
 - ``sweep``: per arm family the learning-rate sweep (each rate's agreement with native, the rate chosen);
 - ``verdict``: where each ARD arm wins, ties or loses against each baseline (`verdict`);
+- ``variants``: each variant of ARD (the ablations) against ``ard`` itself, the same way (`variants`);
 - ``plots``: the PNG files written beside it.
 
 A seed-aggregated number is the mean over seeds with, as its ``stderr``, the standard deviation over
@@ -80,6 +81,7 @@ def study_results(study: Study, runs: Sequence[Run]) -> dict[str, Any]:
         "sweep": sweep_summary(study),
     }
     results["verdict"] = verdict(results)
+    results["variants"] = variants(results)
     return results
 
 
@@ -150,6 +152,9 @@ def report_text(results: dict[str, Any], plots: list[str]) -> str:
     if results["verdict"]:
         lines += ["## ARD against each baseline", "", VERDICT_NOTE, "",
                   *[f"- {v['text']}" for v in results["verdict"]], ""]
+    if results["variants"]:
+        lines += ["## ARD's variants against ARD", "", VARIANTS_NOTE, "",
+                  *[f"- {v['text']}" for v in results["variants"]], ""]
     curve = budget_sentences(results)
     if curve or BUDGET_PLOT in plots:
         lines += ["## Token budget", "", *curve, "", _budget_table(results), ""]
@@ -236,6 +241,10 @@ VERDICT_NOTE = (
     "come from single positions, which neighbouring positions make look smaller than they are; a margin "
     "that matters should hold over several seeds."
 )
+VARIANTS_NOTE = (
+    "Each line compares a variant of ARD (the ablations: which relations, which layers, which adapter) with "
+    "`ard` itself at the same token budget, by the rule above: **wins** means the variant does better."
+)
 # (label, task, metric, lower is better) of the verdict; recovery is the by-arm mean.
 VERDICT_METRICS = (
     ("next-token KL", "agreement", "kl", True),
@@ -271,17 +280,32 @@ def verdict(results: dict[str, Any]) -> list[dict[str, Any]]:
     bases = {a["name"]: a["base"] for a in results["arms"]}
     ard_arms = [n for n in ("ard", "ard+cpt") if n in labels]
     baselines = [n for n in labels if n != "native" and not bases.get(n, n).startswith("ard") and "@" not in n]
-    out = []
-    for ard in ard_arms:
-        for baseline in baselines:
-            metrics = []
-            for name, task, metric, lower in VERDICT_METRICS:
-                a, b = (_verdict_cell(by_arm, labels[x], task, metric) for x in (ard, baseline))
-                metrics.append({"name": name, "ard": a, "baseline": b, **_compare(a, b, lower)})
-            pieces = [_compare_text(m) for m in metrics if m["outcome"] != "n/a"]
-            text = f"**{ard} vs {baseline}**: " + ("; ".join(pieces) if pieces else "nothing measured on both")
-            out.append({"ard": ard, "baseline": baseline, "metrics": metrics, "text": text})
-    return out
+    return [_versus(by_arm, (ard, labels[ard]), (baseline, labels[baseline]))
+            for ard in ard_arms for baseline in baselines]
+
+
+def variants(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each variant of ARD (other relations, layers or adapter: the ablations) against ``ard`` itself at
+    the same token budget, in :func:`verdict`'s terms: ``wins`` means the variant does better."""
+    by_arm = results["by_arm"]
+    arms = {a["name"]: a for a in results["arms"] if a["label"] in by_arm["models"]}
+    if "ard" not in arms:
+        return []
+    ard = arms["ard"]
+    tokens = ard["training"].get("tokens")
+    return [_versus(by_arm, (a["name"], a["label"]), ("ard", ard["label"])) for a in arms.values()
+            if a["base"] == "ard" and a["family"] != "ard" and a["training"].get("tokens") == tokens]
+
+
+def _versus(by_arm: dict, arm: tuple[str, str], baseline: tuple[str, str]) -> dict[str, Any]:
+    """One arm against another (each ``(name, label)``) on :data:`VERDICT_METRICS`."""
+    metrics = []
+    for name, task, metric, lower in VERDICT_METRICS:
+        a, b = (_verdict_cell(by_arm, label, task, metric) for _, label in (arm, baseline))
+        metrics.append({"name": name, "ard": a, "baseline": b, **_compare(a, b, lower)})
+    pieces = [_compare_text(m) for m in metrics if m["outcome"] != "n/a"]
+    text = f"**{arm[0]} vs {baseline[0]}**: " + ("; ".join(pieces) if pieces else "nothing measured on both")
+    return {"ard": arm[0], "baseline": baseline[0], "metrics": metrics, "text": text}
 
 
 def _verdict_cell(by_arm: dict, label: str, task: str | None, metric: str) -> dict | None:
