@@ -391,10 +391,10 @@ def _sweep_text(results: dict[str, Any]) -> str:
 def _full_and_untrained_kl(results: dict[str, Any]) -> tuple[dict[str, float], float | None]:
     """Next-token KL to native on held-out text of each family's full-budget arm, and of the untrained
     student (``scaled``) when the study has it."""
-    by_arm = results["by_arm"]["models"]
+    by_arm = results["by_arm"]
 
     def kl(label: str) -> float | None:
-        cell = by_arm.get(label, {}).get("tasks", {}).get("agreement", {}).get("metrics", {}).get("kl")
+        cell = _verdict_cell(by_arm, label, "agreement", "kl") if label in by_arm["models"] else None
         return None if not cell or is_na(cell) else cell["value"]
 
     arms = {a["name"]: a["label"] for a in results["arms"]}
