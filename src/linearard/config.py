@@ -273,6 +273,10 @@ class RestoreConfig:
         self.objective_spec()
         return self
 
+    def trains_in_bf16(self, device: str) -> bool:
+        """Whether a run on `device` ('cuda' or 'cpu') computes in bf16 autocast (--precision)."""
+        return self.precision == "bf16" or (self.precision == "auto" and device == "cuda")
+
     def objective_spec(self) -> ObjectiveSpec:
         """The restore stage's objective as a validated spec: what the loop, the plan, the
         data-parallel wrapping and the study ask (`linearard.objectives.spec`).

@@ -143,7 +143,7 @@ class _Run:
         self.ctx = ctx
         self.log = log
         self.output = Path(config.output)
-        self.bf16 = config.precision == "bf16" or (config.precision == "auto" and ctx.device.type == "cuda")
+        self.bf16 = config.trains_in_bf16(ctx.device.type)
         self.ts: TeacherStudent | None = None
 
     def close(self) -> None:

@@ -392,7 +392,7 @@ def dry_run_plan(config: RestoreConfig) -> Plan:
             model, config.adapter, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout
         )
     device = resolve_device(config)
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and device == "cuda")
+    bf16 = config.trains_in_bf16(device)
     shape = ModelShape.of(model, model_config)
     shape.dtype = torch.bfloat16 if bf16 else torch.float32  # what a run loads the weights as
     stages = plan_stages(config, scaling, shape, world_size=world_size, device=device, bf16=bf16)
