@@ -7,10 +7,15 @@ each writes its own numbers, and ``--merge`` collects them into one JSON row per
     torchrun --nproc_per_node 2 benchmarks/bench_distributed.py --model M --data D --strategy ddp --out R/ddp
     python benchmarks/bench_distributed.py --merge R/single R/ddp --results benchmarks/results/x.json
 
-``--merge`` also checks the multi-process runs' result: each one's final adapters against those of the
-one-process run with the same block length, tokens per step and steps (the same global batch), tensor by
-tensor, beside what rounding that tensor to bf16 alone would change. ``--device cpu`` runs the same on
-CPU processes (gloo), as the tests do.
+``--merge`` also checks the runs' result: the final adapters of each multi-process run, and of each
+one-process run given its own ``--batch-size``, against those of the one-process run with the same global
+batch (block length, tokens per step, steps) and precision that split its batch itself, tensor by tensor,
+beside what rounding that tensor to bf16 alone would change. In fp32 (``--precision fp32``) that checks the
+distributed machinery itself. In bf16, summing a batch in other groups (two processes, or other
+micro-batches) rounds the gradients differently, and AdamW's first steps, which move every weight by about
+the learning rate whatever the size of its gradient, carry that rounding into the adapters: a one-process
+run with ``--batch-size`` set to half the batch shows how far the same global batch lands from itself.
+``--device cpu`` runs the same on CPU processes (gloo), as the tests do.
 
 ``--profile`` adds each rank's operator table (host and device time of 8 steps after the first 18) to its
 folder; the profiler slows the run, so a profiled run is not one of the timed ones. A run of several
@@ -30,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from linearard.config import build_config
+from linearard.config import PRECISIONS, build_config
 from linearard.training.checkpoint import latest_checkpoint, read_adapters
 from linearard.training.distributed import setup, teardown
 from linearard.training.loop import restore
@@ -46,7 +51,7 @@ def run_one(args: argparse.Namespace) -> None:
             tokens_per_step=args.tokens_per_step, max_tokens=args.tokens_per_step * args.steps,
             strategy=args.strategy, reduce_dtype=args.reduce_dtype, output=str(out / "run"),
             gradient_checkpointing=args.gradient_checkpointing, save_every=0, export=False, eval=False,
-            warmup_steps=1, log_every=1, device=args.device,
+            warmup_steps=1, log_every=1, device=args.device, precision=args.precision, batch_size=args.batch_size,
             shuffle_buffer=0,  # the corpus dealt in order: N processes see the global batch of one
         )
     )
@@ -68,7 +73,8 @@ def run_one(args: argparse.Namespace) -> None:
         teardown(group)
     shape = json.loads((Path(args.model) / "config.json").read_text())
     record = {"rank": rank, "world_size": world, "strategy": args.strategy, "reduce_dtype": args.reduce_dtype,
-              "seq_len": args.seq_len,
+              "seq_len": args.seq_len, "batch_size": args.batch_size,
+              "precision": "bf16" if config.trains_in_bf16(args.device) else "fp32",
               "model": {k: shape.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                    "vocab_size", "max_position_embeddings")},
               "rope_factor": args.rope_factor,
@@ -157,28 +163,40 @@ def merge(folders: list[str], results: Path) -> None:
         ranks = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("rank*.json"))]
         # the first read of the metrics (16 steps, or all of a shorter run) includes the warm-up
         steps = [r for r in read_metrics(Path(folder) / "run") if "tokens_per_s" in r]
+        first = steps[0]
         steps = steps[16:] or steps[-1:]
         tokens_per_s = statistics.median(r["tokens_per_s"] for r in steps)
         world = ranks[0]["world_size"]
         rows.append({**{k: ranks[0].get(k) for k in ("model", "strategy", "reduce_dtype", "world_size", "seq_len",
-                                                    "rope_factor", "tokens_per_step", "gpu", "torch",
-                                                    "gradient_checkpointing")},
+                                                    "rope_factor", "tokens_per_step", "precision", "batch_size",
+                                                    "gpu", "torch", "gradient_checkpointing")},
                      "tokens_per_s": round(tokens_per_s, 1),
                      "tokens_per_s_per_gpu": round(tokens_per_s / world, 1),
                      "peak_gib_per_gpu": [r["peak_gib"] for r in ranks],
                      "data_tokens_per_s_per_rank": [r.get("data_tokens_per_s") for r in ranks],
                      "allreduce_ms_per_rank": [r.get("allreduce_ms") for r in ranks],
-                     "timed_steps": len(steps), "steps": ranks[0]["steps"]})
+                     "timed_steps": len(steps), "steps": ranks[0]["steps"],
+                     # before any weight has moved: runs of one global batch differ here by their arithmetic alone
+                     "first_step": {k: first.get(k) for k in ("loss", "grad_norm")}})
         adapters.append(read_adapters(latest_checkpoint(Path(folder) / "run")))
-    same_run = ("model", "rope_factor", "seq_len", "tokens_per_step", "steps")
     for row, final in zip(rows, adapters):
-        single = next((a for r, a in zip(rows, adapters)
-                       if r["world_size"] == 1 and all(r[k] == row[k] for k in same_run)), None)
-        if row["world_size"] > 1 and single is not None:
-            row["adapters_vs_one_process"] = compare_adapters(final, single)
+        reference = reference_run(row, rows)
+        if reference is not None:
+            row["adapters_vs_one_process"] = compare_adapters(final, adapters[reference])
         print(json.dumps(row))
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
+
+
+def reference_run(row: dict, rows: list[dict]) -> int | None:
+    """Index in `rows` of the run `row` is checked against: one process, the same global batch and
+    precision, its batch split as the plan chose (no --batch-size). None for such a run itself, and
+    where `rows` holds none."""
+    if row["world_size"] == 1 and row["batch_size"] is None:
+        return None
+    same_run = ("model", "rope_factor", "seq_len", "tokens_per_step", "steps", "precision")
+    return next((i for i, r in enumerate(rows) if r["world_size"] == 1 and r["batch_size"] is None
+                 and all(r[k] == row[k] for k in same_run)), None)
 
 
 def compare_adapters(run: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict:
@@ -206,6 +224,9 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--tokens-per-step", type=int, default=32768, help="all processes together")
+    parser.add_argument("--batch-size", type=int, help="blocks per micro-batch on each process (default: the plan's)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--rope-factor", type=float, default=4.0, help="linear RoPE scaling of the student")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default="fp32",

@@ -242,25 +242,30 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.
 
 
 def test_the_distributed_benchmark_checks_its_adapters_against_one_process(setup, tmp_path):
-    """What the GPU scaling runs record: N processes' final adapters against one process's with the same
-    global batch, within bf16 rounding (here fp32 on CPU: much closer)."""
+    """What the GPU scaling runs record: N processes' final adapters, and one process's with its batch split
+    otherwise, against one process's with the same global batch: within bf16 rounding (here fp32 on CPU:
+    much closer)."""
     root = setup[0]
     args = ["--device", "cpu", "--model", str(root / "model"), "--data", str(root / "data"), "--seq-len", "64",
             "--tokens-per-step", "128", "--steps", "3"]
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(BENCH), *args, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert one.returncode == 0, one.stderr[-2000:]
+    for name, extra in (("one", []), ("split", ["--batch-size", "1"])):
+        one = subprocess.run([sys.executable, str(BENCH), *args, *extra, "--out", str(tmp_path / name)], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert one.returncode == 0, one.stderr[-2000:]
     two = _torchrun([*args, "--strategy", "ddp", "--out", str(tmp_path / "ddp")], program=(str(BENCH),))
     assert two.returncode == 0, two.stderr[-2000:]
-    merged = subprocess.run([sys.executable, str(BENCH), "--merge", str(tmp_path / "one"), str(tmp_path / "ddp"),
-                             "--results", str(tmp_path / "rows.json")], env=env, capture_output=True, text=True,
-                            timeout=120)
+    folders = [str(tmp_path / name) for name in ("ddp", "split", "one")]
+    merged = subprocess.run([sys.executable, str(BENCH), "--merge", *folders, "--results", str(tmp_path / "rows.json")],
+                            env=env, capture_output=True, text=True, timeout=120)
     assert merged.returncode == 0, merged.stderr[-2000:]
-    single, ddp = json.loads((tmp_path / "rows.json").read_text())["rows"]
-    assert "adapters_vs_one_process" not in single and ddp["world_size"] == 2
-    check = ddp["adapters_vs_one_process"]
-    assert check["within_bf16_rounding"] and check["relative_difference"] < 1e-4 < check["bf16_rounding"]
+    ddp, split, single = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert "adapters_vs_one_process" not in single and ddp["world_size"] == 2 and split["batch_size"] == 1
+    assert single["precision"] == ddp["precision"] == "fp32"
+    assert ddp["first_step"]["loss"] == pytest.approx(single["first_step"]["loss"], rel=1e-5)
+    for row in (ddp, split):
+        check = row["adapters_vs_one_process"]
+        assert check["within_bf16_rounding"] and check["relative_difference"] < 1e-4 < check["bf16_rounding"]
 
     # the check itself: a difference beyond bf16 rounding in one tensor is found and named
     sys.path.insert(0, str(BENCH.parent))
@@ -275,3 +280,16 @@ def test_the_distributed_benchmark_checks_its_adapters_against_one_process(setup
     check = compare_adapters(moved, final)
     assert check["worst_tensor"] == name and not check["within_bf16_rounding"]
     assert check["relative_difference"] == pytest.approx(0.01, rel=1e-6)
+
+
+def test_the_distributed_benchmark_pairs_each_run_with_one_process_of_the_same_batch_and_precision():
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from bench_distributed import reference_run
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    run = dict(model="m", rope_factor=4.0, seq_len=1024, tokens_per_step=32768, steps=3, precision="bf16",
+               world_size=1, batch_size=None)
+    rows = [dict(run, world_size=2), dict(run, precision="fp32"), dict(run, batch_size=16), dict(run, steps=4),
+            dict(run), dict(run, precision="fp32", world_size=2)]
+    assert [reference_run(row, rows) for row in rows] == [4, None, 4, None, None, 1]
