@@ -1,7 +1,8 @@
 """Tokens/s and peak memory per GPU of `linearard restore` on one GPU and under torchrun (ddp, fsdp).
 
 Every process runs the real restore loop (objective, optimizer, data, checkpointing off); afterwards
-each writes its own numbers, and ``--merge`` collects them into one JSON row per run.
+each writes its own numbers, and ``--merge`` collects them into one JSON row per run (a multi-process
+row with its ``scaling_efficiency``: its tokens/s over N times those of the one-process run below).
 
     python benchmarks/bench_distributed.py --model M --data D --strategy none --out R/single
     torchrun --nproc_per_node 2 benchmarks/bench_distributed.py --model M --data D --strategy ddp --out R/ddp
@@ -183,6 +184,8 @@ def merge(folders: list[str], results: Path) -> None:
         reference = reference_run(row, rows)
         if reference is not None:
             row["adapters_vs_one_process"] = compare_adapters(final, adapters[reference])
+            if row["world_size"] > 1:  # tokens/s on N processes / (N x one process's)
+                row["scaling_efficiency"] = round(row["tokens_per_s_per_gpu"] / rows[reference]["tokens_per_s"], 3)
         print(json.dumps(row))
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")

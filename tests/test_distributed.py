@@ -263,6 +263,8 @@ def test_the_distributed_benchmark_checks_its_adapters_against_one_process(setup
     assert "adapters_vs_one_process" not in single and ddp["world_size"] == 2 and split["batch_size"] == 1
     assert single["precision"] == ddp["precision"] == "fp32"
     assert ddp["first_step"]["loss"] == pytest.approx(single["first_step"]["loss"], rel=1e-5)
+    assert ddp["scaling_efficiency"] == pytest.approx(ddp["tokens_per_s"] / 2 / single["tokens_per_s"], abs=1e-3)
+    assert "scaling_efficiency" not in split
     for row in (ddp, split):
         check = row["adapters_vs_one_process"]
         assert check["within_bf16_rounding"] and check["relative_difference"] < 1e-4 < check["bf16_rounding"]
