@@ -241,6 +241,16 @@ def test_the_bf16_hook_averages_gradients_rounded_to_bf16(tmp_path):
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py"
 
 
+def _bench():
+    """The benchmark script as a module (it lives outside the package)."""
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import bench_distributed
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    return bench_distributed
+
+
 def test_the_distributed_benchmark_checks_its_adapters_against_one_process(setup, tmp_path):
     """What the GPU scaling runs record: N processes' final adapters, and one process's with its batch split
     otherwise, against one process's with the same global batch: within bf16 rounding (here fp32 on CPU:
@@ -250,9 +260,9 @@ def test_the_distributed_benchmark_checks_its_adapters_against_one_process(setup
             "--tokens-per-step", "128", "--steps", "3"]
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     for name, extra in (("one", []), ("split", ["--batch-size", "1"])):
-        one = subprocess.run([sys.executable, str(BENCH), *args, *extra, "--out", str(tmp_path / name)], env=env,
+        run = subprocess.run([sys.executable, str(BENCH), *args, *extra, "--out", str(tmp_path / name)], env=env,
                              capture_output=True, text=True, timeout=120)
-        assert one.returncode == 0, one.stderr[-2000:]
+        assert run.returncode == 0, run.stderr[-2000:]
     two = _torchrun([*args, "--strategy", "ddp", "--out", str(tmp_path / "ddp")], program=(str(BENCH),))
     assert two.returncode == 0, two.stderr[-2000:]
     folders = [str(tmp_path / name) for name in ("ddp", "split", "one")]
@@ -270,11 +280,7 @@ def test_the_distributed_benchmark_checks_its_adapters_against_one_process(setup
         assert check["within_bf16_rounding"] and check["relative_difference"] < 1e-4 < check["bf16_rounding"]
 
     # the check itself: a difference beyond bf16 rounding in one tensor is found and named
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        from bench_distributed import compare_adapters
-    finally:
-        sys.path.remove(str(BENCH.parent))
+    compare_adapters = _bench().compare_adapters
     final = read_checkpoint(latest_checkpoint(tmp_path / "one" / "run")).adapters
     name = sorted(final)[3]
     moved = {**final, name: final[name] * 1.01}
@@ -285,11 +291,7 @@ def test_the_distributed_benchmark_checks_its_adapters_against_one_process(setup
 
 
 def test_the_distributed_benchmark_pairs_each_run_with_one_process_of_the_same_batch_and_precision():
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        from bench_distributed import reference_run
-    finally:
-        sys.path.remove(str(BENCH.parent))
+    reference_run = _bench().reference_run
     run = dict(model="m", rope_factor=4.0, seq_len=1024, tokens_per_step=32768, steps=3, precision="bf16",
                world_size=1, batch_size=None)
     rows = [dict(run, world_size=2), dict(run, precision="fp32"), dict(run, batch_size=16), dict(run, steps=4),
