@@ -75,6 +75,8 @@ def run_one(args: argparse.Namespace) -> None:
     shape = json.loads((Path(args.model) / "config.json").read_text())
     record = {"rank": rank, "world_size": world, "strategy": args.strategy, "reduce_dtype": args.reduce_dtype,
               "seq_len": args.seq_len, "batch_size": args.batch_size,
+              # how the plan split this process's share of a step: blocks per micro-batch, micro-batches
+              "micro_batches": [result.plan.stages[0].batch_size, result.plan.stages[0].grad_accum],
               "precision": "bf16" if config.trains_in_bf16(args.device) else "fp32",
               "model": {k: shape.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                    "vocab_size", "max_position_embeddings")},
@@ -170,7 +172,7 @@ def merge(folders: list[str], results: Path) -> None:
         world = ranks[0]["world_size"]
         rows.append({**{k: ranks[0].get(k) for k in ("model", "strategy", "reduce_dtype", "world_size", "seq_len",
                                                     "rope_factor", "tokens_per_step", "precision", "batch_size",
-                                                    "gpu", "torch", "gradient_checkpointing")},
+                                                    "micro_batches", "gpu", "torch", "gradient_checkpointing")},
                      "tokens_per_s": round(tokens_per_s, 1),
                      "tokens_per_s_per_gpu": round(tokens_per_s / world, 1),
                      "peak_gib_per_gpu": [r["peak_gib"] for r in ranks],

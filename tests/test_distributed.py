@@ -272,6 +272,7 @@ def test_the_distributed_benchmark_checks_its_adapters_against_one_process(setup
     ddp, split, single = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert "adapters_vs_one_process" not in single and ddp["world_size"] == 2 and split["batch_size"] == 1
     assert single["precision"] == ddp["precision"] == "fp32"
+    assert single["micro_batches"] == [2, 1] and split["micro_batches"] == [1, 2] and ddp["micro_batches"] == [1, 1]
     assert ddp["first_step"]["loss"] == pytest.approx(single["first_step"]["loss"], rel=1e-5)
     assert ddp["scaling_efficiency"] == pytest.approx(ddp["tokens_per_s"] / 2 / single["tokens_per_s"], abs=1e-3)
     assert "scaling_efficiency" not in split
