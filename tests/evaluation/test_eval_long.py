@@ -2,10 +2,10 @@
 
 import random
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from linearard.evaluation.haystack import Haystack, fill_to_length, match_fraction, place, words
 from linearard.evaluation.passkey import passkey
@@ -70,9 +70,10 @@ class _Output(dict):
 class CopyingModel(torch.nn.Module):
     """A perfect induction head on bytes: predicts the byte that followed the latest earlier
     occurrence of the last 6 bytes. It finds any needle that the question quotes, so a task whose
-    prompts and scoring are right gives it a score of 1."""
+    prompts and scoring are right gives it a score of 1. It keeps each row's tokens on the cache it is
+    given, as a model keeps its keys and values there."""
 
-    config = SimpleNamespace(max_position_embeddings=4096)
+    config = LlamaConfig(max_position_embeddings=4096, num_hidden_layers=1)
 
     def __init__(self):
         super().__init__()
@@ -81,14 +82,20 @@ class CopyingModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids=None, cache=None, use_cache=False,
                 logits_to_keep=0):
         width = input_ids.shape[1]
-        new = [[t for t, m in zip(row.tolist(), mask.tolist()) if m]
-               for row, mask in zip(input_ids, attention_mask[:, -width:])]
-        seqs = [old + n for old, n in zip(cache, new)] if cache else new
+        old = getattr(cache, "rows", None)
+        if old is None:  # the prompts, left-padded: the mask covers them
+            new = [[t for t, m in zip(row.tolist(), mask.tolist()) if m]
+                   for row, mask in zip(input_ids, attention_mask)]
+        else:  # fed tokens are all real
+            new = input_ids.tolist()
+        seqs = new if old is None else [o + n for o, n in zip(old, new)]
+        if cache is not None:
+            cache.rows = seqs
         logits = torch.full((len(seqs), width, 260), -10.0)
         for r, seq in enumerate(seqs):
             for j in range(width):
                 logits[r, j, self._next(seq[:len(seq) - width + j + 1])] = 10.0
-        return _Output(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits, cache=seqs)
+        return _Output(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits, cache=cache)
 
     @staticmethod
     def _next(seq):

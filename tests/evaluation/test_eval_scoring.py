@@ -15,7 +15,7 @@ from linearard.evaluation.scoring import (
     prefix_token,
     token_nlls,
 )
-from tiny import VOCAB, byte_tokenizer, tiny_model
+from tiny import FAMILIES, VOCAB, byte_tokenizer, tiny_model
 
 
 def naive_logprobs(model, context, continuation):
@@ -225,7 +225,7 @@ def test_encode_pairs_equals_the_harness_split_of_each_pair(bos):
     assert len(counting.calls) <= 2
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_batched_greedy_generation_equals_uncached_decoding(family):
     model = tiny_model(family)
     rng = random.Random(3)
@@ -235,6 +235,20 @@ def test_batched_greedy_generation_equals_uncached_decoding(family):
         seq = list(prompt)
         with torch.no_grad():
             for _ in range(5):
+                seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+        assert out == seq[len(prompt):]
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])
+def test_greedy_generation_runs_past_the_sliding_window(family):
+    model = tiny_model(family)  # windows of 32 (gemma) and 64 (mistral) tokens
+    rng = random.Random(5)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (30, 60, 71)]
+    batched = greedy_generate(model, prompts, max_new_tokens=8, batch_size=3)
+    for prompt, out in zip(prompts, batched):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(8):
                 seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
         assert out == seq[len(prompt):]
 

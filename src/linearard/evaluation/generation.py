@@ -1,10 +1,17 @@
-"""Greedy decoding with a KV cache, batched over left-padded prompts."""
+"""Greedy decoding into a static KV cache, batched over left-padded prompts.
+
+A batch's prompts run once into a cache sized for them and their answers; every later step feeds one
+token per row with the same shapes and buffers. On CUDA the step is captured once as a CUDA graph and
+replayed: a small model decoding at long context otherwise waits on Python to launch some thousand
+kernels a step (`benchmarks/bench_generation.py`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 
 import torch
+from transformers import StaticCache
 
 from linearard.evaluation.scoring import forward, model_device, pad_batch
 
@@ -51,16 +58,13 @@ def greedy_generate(
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids, mask = pad_batch([prompts[i] for i in idx], left=True)
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = forward(model, ids, mask, positions, use_cache=True, logits_to_keep=1)
+        decoder = _Decoder(model, ids.to(device), mask.to(device), max_new_tokens)
+        token = decoder.token
         done = [False] * len(idx)
         rows: list[list[int]] = [[] for _ in idx]
-        next_pos = positions[:, -1:] + 1
         for step in range(max_new_tokens):
-            token = logits[:, -1].argmax(-1)
             # the step's one transfer from the device: every row's token at once
-            for r, t in enumerate(token.tolist()):
+            for r, t in enumerate(token[:, 0].tolist()):
                 if done[r]:
                     continue
                 if t in stops:
@@ -70,9 +74,54 @@ def greedy_generate(
                 done[r] = stop_fn is not None and stop_fn(rows[r])
             if all(done) or step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits, cache = forward(model, token[:, None], mask, next_pos, cache=cache, use_cache=True)
-            next_pos = next_pos + 1
+            token = decoder.step()
         for r, i in enumerate(idx):
             results[i] = rows[r]
     return results
+
+
+class _Decoder:
+    """One batch: the prompts run into a static cache, then :meth:`step` feeds the last token (``token``)
+    and leaves the next one there. A step reads and writes only this object's buffers, so on CUDA it is
+    captured as a graph after one eager run and replayed from then on."""
+
+    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> None:
+        batch, length = ids.shape
+        size = length + max_new_tokens - 1  # the last token is never fed back
+        self.model = model
+        self.cache = StaticCache(config=model.config, max_cache_len=size)
+        self.mask = torch.zeros(batch, size, dtype=mask.dtype, device=ids.device)
+        self.mask[:, :length] = mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, _ = forward(model, ids, mask, positions, cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.token = logits[:, -1:].argmax(-1)
+        self.position = positions[:, -1:].clone()
+        self.slot = torch.full((1,), length - 1, dtype=torch.long, device=ids.device)
+        # a sliding-window layer picks its update by a Python count of the tokens seen, which a captured
+        # graph would freeze: those models decode eagerly
+        sliding = any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
+        self.capture = ids.device.type == "cuda" and not sliding
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def step(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.capture:  # run once eagerly (lazy allocations, kernel choices), then capture the next
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._step()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step()
+        else:
+            self._step()
+        return self.token
+
+    def _step(self) -> None:
+        self.position += 1
+        self.slot += 1
+        self.mask.index_fill_(1, self.slot, 1)
+        logits, _ = forward(self.model, self.token, self.mask, self.position, cache=self.cache, use_cache=True)
+        self.token.copy_(logits[:, -1:].argmax(-1))
