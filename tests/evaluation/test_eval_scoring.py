@@ -261,3 +261,40 @@ def test_generation_stops_at_stop_tokens_and_stop_fn():
     assert stopped == free[:free.index(free[2])]
     [cut] = greedy_generate(model, [prompt], max_new_tokens=6, stop_fn=lambda toks: len(toks) == 2)
     assert cut == free[:2]
+
+
+@pytest.mark.parametrize("setting", ["llama", "qwen3", "phi3", "gemma2", "mistral",
+                                     "llama@linear", "llama@yarn", "llama@llama3", "llama@dynamic", "llama@longrope"])
+def test_a_step_judged_replayable_traces_in_one_piece(setting):
+    """On CUDA a decoding step is captured once and replayed, so it must not decide anything in Python on
+    the data. A whole-graph trace (dynamo) finds such decisions on the CPU: every step judged replayable
+    traces in one piece and decodes as the eager step does. Sliding-window caches (a Python count of the
+    tokens seen) and dynamic NTK and LongRoPE (a check of the longest position each step) are not."""
+    from transformers import AutoModelForCausalLM
+
+    from linearard.evaluation.generation import _Decoder, replayable
+    from linearard.models.rope import RopeScaling, scaled_config
+
+    family, _, rope = setting.partition("@")
+    model = tiny_model(family)
+    if rope:
+        base = model
+        model = AutoModelForCausalLM.from_config(scaled_config(base.config, RopeScaling(rope, 4.0, 256, 1024)))
+        model.load_state_dict(base.state_dict())
+        model.eval()
+    ids, mask = pad_batch([[5, 6, 7, 8, 9], [3, 4]], left=True)
+    with torch.no_grad():
+        traced, eager = _Decoder(model, ids, mask, 6), _Decoder(model, ids, mask, 6)
+        assert replayable(model, traced.cache) == (family not in ("gemma2", "mistral")
+                                                   and rope not in ("dynamic", "longrope"))
+        torch._dynamo.reset()
+        step = torch.compile(traced._step, backend="eager", fullgraph=True, dynamic=False)
+        if rope == "dynamic":  # the frequencies are chosen in Python from the longest position
+            with pytest.raises(Exception, match="(?i)data-dependent"):
+                step()
+        if not replayable(model, traced.cache):
+            return
+        for _ in range(4):
+            step()
+            eager._step()
+            assert torch.equal(traced.token, eager.token)

@@ -97,10 +97,7 @@ class _Decoder:
         self.token = logits[:, -1:].argmax(-1)
         self.position = positions[:, -1:].clone()
         self.slot = torch.full((1,), length - 1, dtype=torch.long, device=ids.device)
-        # a sliding-window layer picks its update by a Python count of the tokens seen, which a captured
-        # graph would freeze: those models decode eagerly
-        sliding = any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
-        self.capture = ids.device.type == "cuda" and not sliding
+        self.capture = ids.device.type == "cuda" and replayable(model, self.cache)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def step(self) -> torch.Tensor:
@@ -125,3 +122,14 @@ class _Decoder:
         self.mask.index_fill_(1, self.slot, 1)
         logits, _ = forward(self.model, self.token, self.mask, self.position, cache=self.cache, use_cache=True)
         self.token.copy_(logits[:, -1:].argmax(-1))
+
+
+def replayable(model, cache: StaticCache) -> bool:
+    """Whether a decoding step can be captured once and replayed: nothing in it may decide in Python on
+    what the step computes. Two things do: a sliding-window cache layer picks its update by a Python count
+    of the tokens seen, and dynamic NTK and LongRoPE check the longest position each step to choose their
+    frequencies. Models with either decode eagerly."""
+    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        return False
+    rope_types = {str(getattr(module, "rope_type", "")) for module in model.modules()}
+    return not any("dynamic" in t or t == "longrope" for t in rope_types)
