@@ -225,18 +225,22 @@ def test_encode_pairs_equals_the_harness_split_of_each_pair(bos):
     assert len(counting.calls) <= 2
 
 
+def uncached_greedy(model, prompt, n):
+    """``n`` greedy tokens after ``prompt``, each from a full forward of the sequence so far."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_greedy_generation_equals_uncached_decoding(family):
     model = tiny_model(family)
     rng = random.Random(3)
     prompts = [[rng.randrange(256) for _ in range(rng.randrange(1, 20))] for _ in range(4)]
     batched = greedy_generate(model, prompts, max_new_tokens=5, batch_size=4)
-    for prompt, out in zip(prompts, batched):
-        seq = list(prompt)
-        with torch.no_grad():
-            for _ in range(5):
-                seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
-        assert out == seq[len(prompt):]
+    assert batched == [uncached_greedy(model, prompt, 5) for prompt in prompts]
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])
@@ -245,12 +249,7 @@ def test_greedy_generation_runs_past_the_sliding_window(family):
     rng = random.Random(5)
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (30, 60, 71)]
     batched = greedy_generate(model, prompts, max_new_tokens=8, batch_size=3)
-    for prompt, out in zip(prompts, batched):
-        seq = list(prompt)
-        with torch.no_grad():
-            for _ in range(8):
-                seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
-        assert out == seq[len(prompt):]
+    assert batched == [uncached_greedy(model, prompt, 8) for prompt in prompts]
 
 
 def test_generation_stops_at_stop_tokens_and_stop_fn():
