@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from linearard.evaluation.generation import greedy_generate
+from linearard.evaluation.suite import package_versions
 
 
 def timed(model, prompts, new: int) -> float:
@@ -53,8 +53,7 @@ def main() -> None:
     timed(model, prompts, 2)  # warm-up
     seconds = {new: timed(model, prompts, new) for new in (1, 33, 129)}
     result = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", **package_versions(),
         "model": {k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                          "num_key_value_heads", "max_position_embeddings")},
         "context": args.context, "batch": args.batch,

@@ -59,12 +59,11 @@ def greedy_generate(
         idx = order[start:start + batch_size]
         ids, mask = pad_batch([prompts[i] for i in idx], left=True)
         decoder = _Decoder(model, ids.to(device), mask.to(device), max_new_tokens)
-        token = decoder.token
         done = [False] * len(idx)
         rows: list[list[int]] = [[] for _ in idx]
         for step in range(max_new_tokens):
             # the step's one transfer from the device: every row's token at once
-            for r, t in enumerate(token[:, 0].tolist()):
+            for r, t in enumerate(decoder.token[:, 0].tolist()):
                 if done[r]:
                     continue
                 if t in stops:
@@ -74,7 +73,7 @@ def greedy_generate(
                 done[r] = stop_fn is not None and stop_fn(rows[r])
             if all(done) or step == max_new_tokens - 1:
                 break
-            token = decoder.step()
+            decoder.step()
         for r, i in enumerate(idx):
             results[i] = rows[r]
     return results
@@ -100,7 +99,7 @@ class _Decoder:
         self.capture = ids.device.type == "cuda" and replayable(model, self.cache)
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def step(self) -> torch.Tensor:
+    def step(self) -> None:
         if self.graph is not None:
             self.graph.replay()
         elif self.capture:  # run once eagerly (lazy allocations, kernel choices), then capture the next
@@ -114,7 +113,6 @@ class _Decoder:
                 self._step()
         else:
             self._step()
-        return self.token
 
     def _step(self) -> None:
         self.position += 1
