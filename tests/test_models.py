@@ -310,3 +310,31 @@ def test_teacher_student_undoes_its_attention_hook_on_close():
     with torch.no_grad():
         model(IDS)  # the closed pair's model runs on its own attention
     ts.close()  # twice is harmless
+
+
+@pytest.mark.parametrize(
+    ("family", "length", "skipped"),
+    [("llama", 48, True), ("mistral", 48, True), ("mistral", 80, False), ("gemma2", 48, False)],
+    ids=["sdpa", "window-covers", "window-shorter", "eager"],
+)
+def test_unpadded_rows_need_no_mask_tensor_where_the_kernel_is_causal(family, length, skipped, monkeypatch):
+    # sdpa applies causality itself; a sliding window shorter than the rows, or eager attention, needs the mask
+    from linearard.models import teacher_student
+
+    model = tiny_model(family, max_position_embeddings=128)
+    ids = torch.randint(0, 256, (2, length))
+    built = []
+    real_builder = teacher_student._mask_builder
+
+    def counting(build):  # counts the inner implementation's mask builds
+        return real_builder(lambda *a, **k: (built.append(1), build(*a, **k))[1])
+
+    monkeypatch.setattr(teacher_student, "_mask_builder", counting)
+    with TeacherStudent(model, RopeScaling.resolve(model.config, "linear", 2.0)) as ts, torch.no_grad():
+        with ts.student():
+            reference = model(input_ids=ids).logits
+            with ts.causal_only(length):
+                built.clear()
+                logits = model(input_ids=ids).logits
+    assert (built == []) == skipped
+    assert torch.allclose(logits, reference, atol=1e-5)

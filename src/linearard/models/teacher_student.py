@@ -15,6 +15,7 @@ back and takes the name out of transformers' registries once no other open pair 
 
 from __future__ import annotations
 
+import contextvars
 import sys
 import weakref
 from collections.abc import Callable, Iterator
@@ -56,6 +57,10 @@ _PREFIX = "linearard_capture:"
 # The callback travels as a forward keyword argument: gradient checkpointing stores a layer's kwargs
 # and replays them when it recomputes the layer in backward, so the callback runs there too.
 _CALLBACK_KWARG = "linearard_capture"
+# Set while forwards run on rows without padding (`TeacherStudent.causal_only`): no mask tensor is built.
+_CAUSAL_ONLY = contextvars.ContextVar("linearard_causal_only", default=False)
+# Implementations that apply causality themselves when given no mask (sdpa's is_causal).
+_CAUSAL_WITHOUT_MASK = frozenset({"sdpa"})
 
 
 def _capturing_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
@@ -116,9 +121,18 @@ def _register(inner: str) -> str:
     name = _PREFIX + inner
     if not _OPEN.get(name):
         AttentionInterface.register(name, _capturing_attention)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+        AttentionMaskInterface.register(name, _mask_builder(ALL_MASK_ATTENTION_FUNCTIONS[inner]))
     _OPEN[name] = _OPEN.get(name, 0) + 1
     return name
+
+
+def _mask_builder(build: Callable[..., Any]) -> Callable[..., Any]:
+    """`build`, the inner implementation's mask builder, except inside `TeacherStudent.causal_only`."""
+
+    def builder(*args: Any, **kwargs: Any) -> Any:
+        return None if _CAUSAL_ONLY.get() else build(*args, **kwargs)
+
+    return builder
 
 
 def _unregister(name: str) -> None:
@@ -253,6 +267,24 @@ class TeacherStudent:
             yield
         finally:
             handle.remove()
+
+    @contextmanager
+    def causal_only(self, length: int) -> Iterator[None]:
+        """Forwards in the block take rows of `length` tokens without padding: where the attention kernel
+        applies causality itself (sdpa) and no layer's window is shorter than the rows, no mask tensor is
+        built. Transformers decides the same by looking at the mask, which it cannot do while a CUDA graph
+        is captured: there it would build a mask, and the compiled layers would meet an input they were
+        not compiled for."""
+        config = self.config
+        windows = [getattr(config, name, None) for name in ("sliding_window", "attention_chunk_size")]
+        if self._own_attention not in _CAUSAL_WITHOUT_MASK or any(w is not None and w < length for w in windows):
+            yield
+            return
+        token = _CAUSAL_ONLY.set(True)
+        try:
+            yield
+        finally:
+            _CAUSAL_ONLY.reset(token)
 
     @contextmanager
     def _rope(self, rope: nn.Module) -> Iterator[None]:

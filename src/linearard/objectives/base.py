@@ -225,11 +225,12 @@ def _forward(
     # LM head on the last position only: objectives that need logits apply the head themselves, in
     # chunks. All hidden states are asked for (transformers before 5.24 takes no list of indices); they
     # are layer outputs that autograd or checkpointing keeps anyway, and only the wanted ones are returned.
-    out = ts.model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        use_cache=False,
-        logits_to_keep=1,
-        output_hidden_states=bool(wanted),
-    )
+    with ts.causal_only(input_ids.shape[1]) if mask is None else contextlib.nullcontext():
+        out = ts.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            use_cache=False,
+            logits_to_keep=1,
+            output_hidden_states=bool(wanted),
+        )
     return {i: out.hidden_states[i] for i in wanted}
