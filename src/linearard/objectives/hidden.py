@@ -86,5 +86,7 @@ class _HiddenStep(Step):
         return loss, metrics
 
     def _distance(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        s, t = student[self.mask].float(), teacher[self.mask].float()
-        return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+        # over the real positions, weighted rather than selected: no shape depends on the data, so the
+        # step never waits for the device
+        distance = 1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+        return (distance * self.mask).sum() / self.mask.sum().clamp(min=1)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from linearard.objectives.spec import Reads
 
 DEFAULT_CHUNK = 1024  # positions per LM-head chunk
+_IGNORE = -100  # the target of positions the next-token loss does not count
 
 
 class _LanguageObjective(Objective):
@@ -111,14 +112,15 @@ class _NextTokenStep(Step):
         hidden = student[self.final]
         ids, mask = self.batch["input_ids"], attention_mask(self.batch).bool()
         counted = mask[:, :-1] & mask[:, 1:]
-        rows, targets = hidden[:, :-1][counted], ids[:, 1:][counted]
-        _check_rows(rows)
+        # every position, pads ignored by their target: no shape depends on the data (no device wait)
+        rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        targets = ids[:, 1:].masked_fill(~counted, _IGNORE).reshape(-1)
         head = _lm_head(self.ts)
 
         def chunk_ce(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(head(h).float(), y, reduction="sum")
+            return F.cross_entropy(head(h).float(), y, reduction="sum", ignore_index=_IGNORE)
 
-        loss = _chunked_sum(chunk_ce, rows, targets, chunk_size=self.chunk_size) / rows.shape[0]
+        loss = _chunked_sum(chunk_ce, rows, targets, chunk_size=self.chunk_size) / counted.sum().clamp(min=1)
         return loss, {"loss": loss.detach(), "ppl": loss.detach().exp()}
 
 
@@ -132,20 +134,23 @@ class _LogitStep(Step):
         self.teacher_hidden = self.student_hidden = frozenset({self.final})
 
     def finish(self, teacher: HiddenStates, student: HiddenStates) -> tuple[torch.Tensor, Metrics]:
-        mask = attention_mask(self.batch).bool()
-        rows_s, rows_t = student[self.final][mask], teacher[self.final][mask]
-        _check_rows(rows_s)
+        mask = attention_mask(self.batch)
+        width = student[self.final].shape[-1]
+        # every position, pads weighted 0: no shape depends on the data (no device wait)
+        rows_s, rows_t = student[self.final].reshape(-1, width), teacher[self.final].reshape(-1, width)
+        weights = mask.reshape(-1).float()
         head = _lm_head(self.ts)
         teacher_head = _teacher_head(self.ts, head)
         tau = self.temperature
 
-        def chunk_kl(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
+        def chunk_kl(h_s: torch.Tensor, h_t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 logp_t = F.log_softmax(teacher_head(h_t).float() / tau, dim=-1)
             logp_s = F.log_softmax(head(h_s).float() / tau, dim=-1)
-            return F.kl_div(logp_s, logp_t, log_target=True, reduction="sum") * tau**2
+            per_row = F.kl_div(logp_s, logp_t, log_target=True, reduction="none").sum(dim=-1)
+            return (per_row * w).sum() * tau**2
 
-        loss = _chunked_sum(chunk_kl, rows_s, rows_t, chunk_size=self.chunk_size) / rows_s.shape[0]
+        loss = _chunked_sum(chunk_kl, rows_s, rows_t, weights, chunk_size=self.chunk_size) / weights.sum().clamp(min=1)
         return loss, {"loss": loss.detach()}
 
 
@@ -183,15 +188,10 @@ def _chunked_sum(
     for start in range(0, rows[0].shape[0], chunk_size):
         part = [r[start : start + chunk_size] for r in rows]
         if torch.is_grad_enabled() and rows[0].requires_grad:
-            total = total + checkpoint(fn, *part, use_reentrant=False)
+            total = total + checkpoint(fn, *part, use_reentrant=False, preserve_rng_state=False)  # no randomness in it
         else:
             total = total + fn(*part)
     return total
-
-
-def _check_rows(rows: torch.Tensor) -> None:
-    if rows.shape[0] == 0:
-        raise ValueError("the batch has no real (non-pad) positions to score")
 
 
 def _check_chunk(chunk_size: int) -> int:
