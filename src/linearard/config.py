@@ -191,6 +191,12 @@ class RestoreConfig:
         "compile each decoder layer with torch.compile (default: on for CUDA, off on the CPU)",
         "optimization",
     )
+    cuda_graphs: bool | None = _opt(
+        None,
+        "after 3 steps, replay each optimizer step from one recorded CUDA graph (default: on for one process on "
+        "CUDA without gradient checkpointing)",
+        "optimization",
+    )
     seed: int = _opt(0, "random seed (model init of adapters, data order)", "optimization", metavar="N")
     # -- stages
     cpt_tokens: int = _opt(
@@ -268,6 +274,8 @@ class RestoreConfig:
         if self.reduce_dtype != "fp32" and self.strategy == "none":
             raise UserError("--reduce-dtype sets how processes average their gradients: it needs --strategy ddp or "
                             "fsdp under torchrun")
+        if self.cuda_graphs and self.gradient_checkpointing:
+            raise UserError("--cuda-graphs and --gradient-checkpointing do not go together: choose one")
         if self.resume and self.overwrite:
             raise UserError("--resume continues the run in --output and --overwrite starts it over: give one")
         self.objective_spec()

@@ -9,8 +9,10 @@ shape) on the same tokens per optimizer step, split into the same micro-batches:
 - ``ard``: this project's relation distillation (teacher forward + student forward, no LM head).
 
 Each loop runs eager and compiled (``--compile``: the anchor as ``torch.compile(model)``, ours as
-`linearard.models.teacher_student.compile_layers`). Rows report the optimizer step's median time,
-tokens/s, peak memory and the first step's time (compilation included). The micro-batch is what
+`linearard.models.teacher_student.compile_layers`), and ours also with each step replayed from a CUDA
+graph (``--graphs``, `linearard.training.graphed`). Rows report the optimizer step's median time, the host's
+part of it (until the step's last launch returns), tokens/s, peak memory and the first step's time
+(compilation included). The micro-batch is what
 `linearard restore` would choose for the tokens per step (its memory estimate), unless given.
 
 ``--end-to-end MODEL_DIR`` also times a real `linearard restore` run on a model folder (data,
@@ -25,6 +27,7 @@ Rows (with GPU name and versions) go to --output as JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -41,6 +44,7 @@ from linearard.models.compat import enable_activation_checkpointing
 from linearard.models.rope import RopeScaling
 from linearard.models.teacher_student import TeacherStudent, compile_layers
 from linearard.objectives import build_objective
+from linearard.training.graphed import WARMUP, GraphedStep, make_capturable
 from linearard.training.plan import ModelShape, plan_stages
 
 SHAPES = {
@@ -104,7 +108,8 @@ class _OurLoop:
         self.params = trainable_parameters(model)
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.objective.run(self.ts, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]
+        # as `linearard restore`'s batches: no padding inside blocks, so the forwards take no mask
+        return self.objective.run(self.ts, {"input_ids": ids, "padded_right": True})[0]
 
     def close(self) -> None:
         self.ts.close()
@@ -129,65 +134,72 @@ def micro_batches(shape: str, loop: str, seq_len: int, tokens_per_step: int, ran
     return stage.batch_size, stage.grad_accum
 
 
-def time_loop(args: argparse.Namespace, loop: str, compiled: bool, batch: int, accum: int) -> dict:
+def time_loop(args: argparse.Namespace, loop: str, compiled: bool, graphs: bool, batch: int, accum: int) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     runner = (_PeftLoop(args.shape, args.rank, args.checkpointing, compiled) if loop == "peft"
               else _OurLoop(args.shape, loop, args.rank, args.checkpointing, compiled, args.rope_factor))
     optimizer = torch.optim.AdamW(runner.params, lr=1e-5)
-    vocab = SHAPES[args.shape]["vocab_size"]
-    times = []
-    for _ in range(args.steps + 2):  # two warm-up steps (the first compiles)
-        ids = [torch.randint(0, vocab, (batch, args.seq_len), device="cuda") for _micro in range(accum)]
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for micro in ids:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = runner.loss(micro)
+    if graphs:
+        make_capturable(optimizer)
+
+    def train_step(micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+        optimizer.zero_grad(set_to_none=True)
+        for micro in micro_batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                loss = runner.loss(micro["input_ids"])
             (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(runner.params, 1.0)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.detach()}
+
+    step = GraphedStep(train_step) if graphs else train_step
+    vocab = SHAPES[args.shape]["vocab_size"]
+    times, host = [], []
+    warmup = WARMUP + 1  # the first compiles; with graphs, the last of them records
+    for _ in range(args.steps + warmup):
+        ids = [{"input_ids": torch.randint(0, vocab, (batch, args.seq_len), device="cuda")} for _micro in range(accum)]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        metrics = step(ids)
+        host.append(time.perf_counter() - start)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     if args.profile:
-        _profile_step(args, runner, optimizer, ids, f"{loop}_{'compiled' if compiled else 'eager'}")
+        _profile_step(args, step, ids, f"{loop}_{'compiled' if compiled else 'eager'}{'_graphs' if graphs else ''}")
+    if graphs:
+        step.close()
     runner.close()
     tokens = batch * accum * args.seq_len
-    ms = statistics.median(times[2:]) * 1000
+    ms = statistics.median(times[warmup:]) * 1000
     return {
         "step_ms": round(ms, 2),
+        "host_ms": round(statistics.median(host[warmup:]) * 1000, 2),
         "tokens_per_s": round(tokens / ms * 1000),
         "first_step_s": round(times[0], 2),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-        "loss": round(float(loss.detach()), 5),
+        "loss": round(float(metrics["loss"]), 5),
     }
 
 
-def _profile_step(args: argparse.Namespace, runner, optimizer, ids: list[torch.Tensor], name: str) -> None:
-    """Where one optimizer step's device time goes: the kernels by total time, as a text table."""
+def _profile_step(args: argparse.Namespace, step, ids: list[dict], name: str) -> None:
+    """Where one optimizer step's time goes, on the host and on the device: operators by device time."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for micro in ids:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = runner.loss(micro)
-            (loss / len(ids)).backward()
-        torch.nn.utils.clip_grad_norm_(runner.params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step(ids)
         torch.cuda.synchronize()
     args.profile.mkdir(parents=True, exist_ok=True)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
     (args.profile / f"profile_{args.shape}_{args.seq_len}_{name}.txt").write_text(table)
 
 
-def run_case(args: argparse.Namespace, loop: str, compiled: bool, batch: int, accum: int) -> dict:
-    row = {"shape": args.shape, "loop": loop, "compiled": compiled, "seq_len": args.seq_len,
+def run_case(args: argparse.Namespace, loop: str, compiled: bool, graphs: bool, batch: int, accum: int) -> dict:
+    row = {"shape": args.shape, "loop": loop, "compiled": compiled, "graphs": graphs, "seq_len": args.seq_len,
            "blocks_per_micro_batch": batch, "micro_batches": accum, "tokens_per_step": batch * accum * args.seq_len,
            "lora_rank": args.rank, "checkpointing": args.checkpointing}
     try:
-        row.update(time_loop(args, loop, compiled, batch, accum))
+        row.update(time_loop(args, loop, compiled, graphs, batch, accum))
     except torch.cuda.OutOfMemoryError:
         row["oom"] = True
     torch._dynamo.reset()
@@ -205,14 +217,14 @@ def end_to_end(args: argparse.Namespace) -> dict:
     if args.data:
         flags["data"] = [args.data]
     rows = {}
-    for compiled in _compile_choices(args):
-        flags["compile"] = compiled
+    for compiled, graphs in itertools.product(_choices(args.compile), _choices(args.graphs)):
+        flags.update(compile=compiled, cuda_graphs=graphs)
+        name = ("compiled" if compiled else "eager") + ("+graphs" if graphs else "")
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        result = restore(build_config(flags={**flags, "output": f"{args.e2e_output}-{int(compiled)}"}),
-                         log=lambda _: None)
+        result = restore(build_config(flags={**flags, "output": f"{args.e2e_output}-{name}"}), log=lambda _: None)
         seconds = time.perf_counter() - start
-        rows["compiled" if compiled else "eager"] = {
+        rows[name] = {
             "tokens": result.tokens, "steps": result.steps, "train_s": round(result.train_seconds, 2),
             "train_tokens_per_s": round(result.tokens / result.train_seconds),
             "total_s": round(seconds, 2), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
@@ -238,8 +250,8 @@ def environment() -> dict:
     return env
 
 
-def _compile_choices(args: argparse.Namespace) -> list[bool]:
-    return {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+def _choices(flag: str) -> list[bool]:
+    return {"off": [False], "on": [True], "both": [False, True]}[flag]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -250,6 +262,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="blocks per micro-batch (default: as linearard restore chooses for ARD)")
     parser.add_argument("--loops", default=",".join(LOOPS), help=f"which loops: {', '.join(LOOPS)}")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--graphs", choices=("off", "on", "both"), default="both",
+                        help="this project's loops with steps replayed from a CUDA graph (the anchor never)")
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--rope-factor", type=float, default=4.0, help="linear PI factor of the student")
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps after two warm-up steps")
@@ -272,10 +286,13 @@ def run(args: argparse.Namespace) -> int:
         batch, accum = micro_batches(args.shape, "ard", args.seq_len, args.tokens_per_step, args.rank,
                                      args.checkpointing, args.rope_factor)
     rows = []
-    for compiled in _compile_choices(args):
+    for compiled in _choices(args.compile):
         for loop in [x.strip() for x in args.loops.split(",") if x.strip()]:
-            rows.append(run_case(args, loop, compiled, batch, accum))
-            print(json.dumps(rows[-1]), flush=True)
+            # the anchor runs as a user would run it; graphs are this project's (not with checkpointing)
+            graph_choices = [False] if loop == "peft" or args.checkpointing else _choices(args.graphs)
+            for graphs in graph_choices:
+                rows.append(run_case(args, loop, compiled, graphs, batch, accum))
+                print(json.dumps(rows[-1]), flush=True)
     for row in rows:
         anchor = next((r for r in rows if r["loop"] == "peft" and r["compiled"] == row["compiled"]), None)
         if anchor and row is not anchor and "oom" not in row and "oom" not in anchor:
@@ -294,12 +311,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["loop  compiled  blocks x micro  step ms  tokens/s  peak GiB  first step s  vs peft (time, memory)"]
+    lines = ["loop  compiled  graphs  blocks x micro  step ms  host ms  tokens/s  peak GiB  first step s  "
+             "vs peft (time, memory)"]
     for r in rows:
         if r.get("oom"):
-            lines.append(f"{r['loop']:<5} {r['compiled']!s:<9} out of memory")
+            lines.append(f"{r['loop']:<5} {r['compiled']!s:<9} {r['graphs']!s:<7} out of memory")
             continue
         ratio = f"{r.get('time_vs_peft', '')} {r.get('memory_vs_peft', '')}"
-        lines.append(f"{r['loop']:<5} {r['compiled']!s:<9} {r['blocks_per_micro_batch']:>6} x {r['micro_batches']:<5} "
-                     f"{r['step_ms']:>8} {r['tokens_per_s']:>9} {r['peak_gib']:>9} {r['first_step_s']:>12}  {ratio}")
+        lines.append(f"{r['loop']:<5} {r['compiled']!s:<9} {r['graphs']!s:<7} {r['blocks_per_micro_batch']:>6} x "
+                     f"{r['micro_batches']:<5} {r['step_ms']:>8} {r['host_ms']:>8} {r['tokens_per_s']:>9} "
+                     f"{r['peak_gib']:>9} {r['first_step_s']:>12}  {ratio}")
     return "\n".join(lines)

@@ -57,6 +57,7 @@ from linearard.training.checkpoint import (
     write_checkpoint,
 )
 from linearard.training.distributed import DistContext
+from linearard.training.graphed import GraphedStep, make_capturable, portable_state
 from linearard.training.interrupt import StopRequest
 from linearard.training.metrics import MetricsWriter, Progress, stage_label
 from linearard.training.plan import (
@@ -68,14 +69,14 @@ from linearard.training.plan import (
     read_model_meta,
     resolve_scaling,
 )
-from linearard.training.schedule import warmup_cosine
+from linearard.training.schedule import current_lr, warmup_cosine
 
-# Settings that only steer bookkeeping (or, like the strategy and the precision of the gradient reduction,
-# how a step is spread over processes, not what it computes: the world size is checked on its own); every
-# other setting must match to resume a run.
+# Settings that only steer bookkeeping (or, like the strategy, the precision of the gradient reduction and
+# CUDA graphs, how a step is spread over processes or launched, not what it computes: the world size is
+# checked on its own); every other setting must match to resume a run.
 RESUMABLE_CHANGES = frozenset(
     {"resume", "overwrite", "dry_run", "output", "save_every", "keep_checkpoints", "log_every", "eval",
-     "eval_tokens", "eval_seq_len", "export", "device", "strategy", "reduce_dtype"}
+     "eval_tokens", "eval_seq_len", "export", "device", "strategy", "reduce_dtype", "cuda_graphs"}
 )
 OBJECTIVE_FILE = "objective.yaml"  # each stage's resolved objective, beside config.yaml (see outputs.RESTORE_ENTRIES)
 _AGREEMENT_BATCH = 4  # windows per forward pass of the end-of-run agreement
@@ -320,27 +321,35 @@ class _Run:
             scheduler.load_state_dict(self.trainer.scheduler)
             blocks.load_state_dict(checkpoint.rank_state["data"])
             set_rng_state(checkpoint.rank_state["rng"])
+        graphs = self._graphs()
+        if graphs:
+            make_capturable(optimizer)
+
+        def train_step(micro_batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+            optimizer.zero_grad(set_to_none=True)
+            totals: dict[str, torch.Tensor] = {}
+            for micro, batch in enumerate(micro_batches):
+                sync = micro == len(micro_batches) - 1
+                with dist_utils.gradient_sync(self.wrapped, ctx, sync), self._autocast():
+                    loss, metrics = self.wrapped(self._objective_step, batch)
+                    dist_utils.gather_for_backward(ctx, gather)
+                    (loss / len(micro_batches)).backward()
+                for key, value in metrics.items():
+                    part = value.detach().float() / len(micro_batches)
+                    totals[key] = totals[key] + part if key in totals else part
+            totals["grad_norm"] = _clip(params, config.clip)
+            optimizer.step()
+            return totals
+
+        run_step = GraphedStep(train_step) if graphs else train_step
         batches = MicroBatches(blocks, stage.batch_size, ctx.device)
         self.progress.set_description(stage_label(stage.name, index, len(self.stages)))
         self.model.train()
         log = _StepLog(self, stage)
         try:
             for step in range(self.trainer.step, stage.steps):
-                optimizer.zero_grad(set_to_none=True)
-                totals: dict[str, torch.Tensor] = {}
-                for micro in range(stage.grad_accum):
-                    batch = next(batches)
-                    sync = micro == stage.grad_accum - 1
-                    with dist_utils.gradient_sync(self.wrapped, ctx, sync), self._autocast():
-                        loss, metrics = self.wrapped(self._objective_step, batch)
-                        dist_utils.gather_for_backward(ctx, gather)
-                        (loss / stage.grad_accum).backward()
-                    for key, value in metrics.items():
-                        part = value.detach().float() / stage.grad_accum
-                        totals[key] = totals[key] + part if key in totals else part
-                totals["grad_norm"] = _clip(params, config.clip)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
+                totals = run_step([next(batches) for _ in range(stage.grad_accum)])
+                lr = current_lr(scheduler)
                 scheduler.step()
                 self.trainer.step = step + 1
                 self.trainer.tokens += stage.tokens_per_step
@@ -361,6 +370,9 @@ class _Run:
                     )
         finally:
             batches.close()
+            if graphs:  # the gradients live in the graph's memory pool: drop them, then the graph
+                optimizer.zero_grad(set_to_none=True)
+                run_step.close()
         return log.last
 
     def _objective_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -387,7 +399,8 @@ class _Run:
     def _autocast(self) -> Any:
         if not self.bf16:
             return nullcontext()
-        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
+        # no cache of cast weights: a CUDA graph cannot record one
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, cache_enabled=False)
 
     def _stop_on_nonfinite(self, stage: Stage, step: int, loss: float, grad_norm: float) -> None:
         good = latest_checkpoint(self.output)
@@ -397,6 +410,18 @@ class _Run:
             f"stopped: non-finite {what} at step {step} of the {stage.name} stage; {where} "
             "(try a lower --lr, or --precision fp32)"
         )
+
+    def _graphs(self) -> bool:
+        """Whether steps replay a CUDA graph (`linearard.training.graphed`): asked for, or by default on
+        one CUDA process without gradient checkpointing (the settings its recording is tested with)."""
+        config = self.config
+        if config.cuda_graphs is None:
+            return self.ctx.device.type == "cuda" and self.ctx.world_size == 1 and not config.gradient_checkpointing
+        if config.cuda_graphs and self.ctx.device.type != "cuda":
+            raise UserError("--cuda-graphs needs a CUDA device")
+        if config.cuda_graphs and self.ctx.world_size > 1:
+            raise UserError("--cuda-graphs needs one process: leave it off under torchrun")
+        return config.cuda_graphs
 
     def _compiles(self) -> bool:
         if self.config.compile is None:
@@ -416,9 +441,9 @@ class _Run:
 
     def _save(self, optimizer: torch.optim.Optimizer, scheduler: Any, data: MicroBatches) -> None:
         adapters = self._trainable_tensors()
-        optim = get_optimizer_state_dict(self.model, optimizer, options=self._sd_options(True))
+        optim = portable_state(get_optimizer_state_dict(self.model, optimizer, options=self._sd_options(True)))
         ranks = dist_utils.gather_objects({"data": data.state_dict(), "rng": rng_state()}, self.ctx)
-        self.trainer.scheduler = scheduler.state_dict()
+        self.trainer.scheduler = portable_state(scheduler.state_dict())
         failure = None
         if self.ctx.is_main:
             try:

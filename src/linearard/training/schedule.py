@@ -35,3 +35,9 @@ def warmup_cosine(
         optimizer,
         lambda step: lr_factor(step, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio),
     )
+
+
+def current_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """The learning rate of the coming optimizer step, as a number (the optimizer's may be a device tensor,
+    and reading that would wait for the device)."""
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch)
