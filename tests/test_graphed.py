@@ -72,6 +72,8 @@ def test_graphs_refuse_what_their_recording_does_not_cover(tmp_path):
 
     with pytest.raises(UserError, match="--cuda-graphs and --gradient-checkpointing"):
         build_config(flags=dict(cuda_graphs=True, gradient_checkpointing=True)).validate()
+    with pytest.raises(UserError, match="--cuda-graphs records one process's step: leave it off with --strategy fsdp"):
+        build_config(flags=dict(cuda_graphs=True, strategy="fsdp")).validate()
     if not torch.cuda.is_available():
         config = build_config(flags=dict(cuda_graphs=True, max_tokens=512, seq_len=64, output=str(tmp_path / "r")))
         with pytest.raises(UserError, match="--cuda-graphs needs a CUDA device"):

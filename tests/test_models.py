@@ -330,11 +330,11 @@ def test_unpadded_rows_need_no_mask_tensor_where_the_kernel_is_causal(family, le
         return real_builder(lambda *a, **k: (built.append(1), build(*a, **k))[1])
 
     monkeypatch.setattr(teacher_student, "_mask_builder", counting)
-    with TeacherStudent(model, RopeScaling.resolve(model.config, "linear", 2.0)) as ts, torch.no_grad():
-        with ts.student():
-            reference = model(input_ids=ids).logits
-            with ts.causal_only(length):
-                built.clear()
-                logits = model(input_ids=ids).logits
+    scaling = RopeScaling.resolve(model.config, "linear", 2.0)
+    with TeacherStudent(model, scaling) as ts, torch.no_grad(), ts.student():
+        reference = model(input_ids=ids).logits
+        with ts.causal_only(length):
+            built.clear()
+            logits = model(input_ids=ids).logits
     assert (built == []) == skipped
     assert torch.allclose(logits, reference, atol=1e-5)

@@ -276,6 +276,8 @@ class RestoreConfig:
                             "fsdp under torchrun")
         if self.cuda_graphs and self.gradient_checkpointing:
             raise UserError("--cuda-graphs and --gradient-checkpointing do not go together: choose one")
+        if self.cuda_graphs and self.strategy != "none":
+            raise UserError(f"--cuda-graphs records one process's step: leave it off with --strategy {self.strategy}")
         if self.resume and self.overwrite:
             raise UserError("--resume continues the run in --output and --overwrite starts it over: give one")
         self.objective_spec()

@@ -266,7 +266,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="this project's loops with steps replayed from a CUDA graph (the anchor never)")
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--rope-factor", type=float, default=4.0, help="linear PI factor of the student")
-    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps after two warm-up steps")
+    parser.add_argument("--steps", type=int, default=6,
+                        help="timed optimizer steps after the warm-up steps (compiling, and with graphs, recording)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every loop")
     parser.add_argument("--end-to-end", metavar="MODEL_DIR", help="also time `linearard restore` on this model")
     parser.add_argument("--data", help="training text for --end-to-end (default: the built-in corpus)")

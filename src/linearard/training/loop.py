@@ -413,14 +413,12 @@ class _Run:
 
     def _graphs(self) -> bool:
         """Whether steps replay a CUDA graph (`linearard.training.graphed`): asked for, or by default on
-        one CUDA process without gradient checkpointing (the settings its recording is tested with)."""
+        one CUDA process (no --strategy) without gradient checkpointing, the settings it is tested with."""
         config = self.config
         if config.cuda_graphs is None:
-            return self.ctx.device.type == "cuda" and self.ctx.world_size == 1 and not config.gradient_checkpointing
+            return self.ctx.device.type == "cuda" and config.strategy == "none" and not config.gradient_checkpointing
         if config.cuda_graphs and self.ctx.device.type != "cuda":
             raise UserError("--cuda-graphs needs a CUDA device")
-        if config.cuda_graphs and self.ctx.world_size > 1:
-            raise UserError("--cuda-graphs needs one process: leave it off under torchrun")
         return config.cuda_graphs
 
     def _compiles(self) -> bool:
