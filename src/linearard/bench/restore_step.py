@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -236,18 +235,10 @@ def end_to_end(args: argparse.Namespace) -> dict:
 
 
 def environment() -> dict:
-    import peft
-    import transformers
+    """The card, the date and what the numbers depend on (`linearard.evaluation.suite.package_versions`)."""
+    from linearard.evaluation.suite import package_versions
 
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "peft": peft.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return env
+    return {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), **package_versions()}
 
 
 def _choices(flag: str) -> list[bool]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from linearard.evaluation.generation import greedy_generate
 from linearard.evaluation.haystack import NOISE, Haystack, TooShort, fill_to_length, match_fraction, words
 from linearard.evaluation.scoring import bos_prefix, encode, encode_many, supported_length
-from linearard.evaluation.stats import mean_cell, na_cell, task_result
+from linearard.evaluation.stats import join_names, mean_cell, na_cell, task_result
 from linearard.evaluation.tasks import RULER_TASKS
 
 _NIAH_INTRO = ("Some special magic numbers are hidden inside the following text. Memorize them: "
@@ -122,7 +122,7 @@ def _niah(n_keys: int, n_values: int, n_asked: int) -> Callable:
         needles = [(rng.random(), encode(tokenizer, _NEEDLE.format(key=k, value=v)))
                    for k in keys for v in values[k]]
         asked = keys[:n_asked]
-        names = _join(asked)
+        names = join_names(asked)
         if n_values > 1:
             question = (f"\n\nWhat are all the special magic numbers for {names} mentioned in the text "
                         f"above? The special magic numbers for {names} are")
@@ -230,10 +230,6 @@ def _fit(entries: Callable[[int], tuple[list[int], list[str]]], budget: int, hea
             break
         n = max(20, int(n * budget / len(ids) * 0.99))
     raise TooShort(f"{budget} tokens are too few for a word list")
-
-
-def _join(names: Sequence[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 _BUILDERS = {

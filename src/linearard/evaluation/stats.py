@@ -113,3 +113,8 @@ def task_result(
         "lower_is_better": [m for m in metrics if m in set(lower_is_better)],
         "details": details or {},
     }
+
+
+def join_names(names: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

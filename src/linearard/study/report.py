@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from linearard.evaluation.report import report_markdown, summary_tables
-from linearard.evaluation.stats import format_cell, is_na
+from linearard.evaluation.stats import format_cell, is_na, join_names
 from linearard.evaluation.suite import package_versions, recovery
 from linearard.study.arms import STUDY_SETTINGS, Arm, format_tokens
 from linearard.study.runner import REFERENCE, Run, Study, read_json, write_json
@@ -420,21 +420,17 @@ def sweep_edges(sweep: dict[str, Any], full_kl: dict[str, float] | None = None,
         elif info["chosen"] == rates[-1]:
             ends["highest"].append(family)
     way = {"lowest": "lower", "highest": "higher"}
-    lines = [f"The best rate was the {end} the sweep tried for {_and(families)}: a {way[end]} one may be better "
+    lines = [f"The best rate was the {end} the sweep tried for {join_names(families)}: a {way[end]} one may be better "
              f"still; add it to `--lr-sweep` (the finished sweep runs count again)."
              for end, families in ends.items() if families and end in way]
     if ends["away"]:
         runs = "full run agrees" if len(ends["away"]) == 1 else "full runs agree"
-        kls = _and([f"{full_kl[f]:.4f}" for f in ends["away"]])
-        lines.append(f"The best rate was the lowest the sweep tried for {_and(ends['away'])}, but there the "
+        kls = join_names([f"{full_kl[f]:.4f}" for f in ends["away"]])
+        lines.append(f"The best rate was the lowest the sweep tried for {join_names(ends['away'])}, but there the "
                      f"{runs} with the native model less than the untrained student (next-token KL {kls} "
                      f"against {untrained_kl:.4f}) and every higher rate agreed less still: a lower rate only "
                      f"comes closer to not training; the objective, not the rate, limits the agreement.")
     return lines
-
-
-def _and(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _sweep_phrase(s: dict[str, Any]) -> str:
