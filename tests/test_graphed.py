@@ -80,6 +80,22 @@ def test_graphs_refuse_what_their_recording_does_not_cover(tmp_path):
             restore(config, log=lambda _: None)
 
 
+def test_the_plan_says_how_steps_are_launched():
+    from linearard.errors import UserError
+    from linearard.training.plan import dry_run_plan
+
+    def processes(**flags):
+        plan = dry_run_plan(build_config(flags=dict(max_tokens=40_000, tokens_per_step=1024, **flags)))
+        return next(line for line in plan.describe().splitlines() if line.strip().startswith("processes"))
+
+    assert processes(device="cuda").endswith("bf16 autocast, compiled layers, steps replayed from a CUDA graph")
+    assert processes(device="cuda", gradient_checkpointing=True).endswith("gradient checkpointing, compiled layers")
+    assert processes(device="cuda", compile=False).endswith("bf16 autocast, steps replayed from a CUDA graph")
+    assert processes(device="cpu").endswith("on cpu, fp32")
+    with pytest.raises(UserError, match="--cuda-graphs needs a CUDA device"):
+        processes(device="cpu", cuda_graphs=True)
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("graphed")

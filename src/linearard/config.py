@@ -287,6 +287,23 @@ class RestoreConfig:
         """Whether a run on `device` ('cuda' or 'cpu') computes in bf16 autocast (--precision)."""
         return self.precision == "bf16" or (self.precision == "auto" and device == "cuda")
 
+    def compiles(self, device: str) -> bool:
+        """Whether a run on `device` compiles its decoder layers (--compile; by default on CUDA)."""
+        return device == "cuda" if self.compile is None else self.compile
+
+    def replays_graphs(self, device: str) -> bool:
+        """Whether a run on `device` replays its steps from a CUDA graph (--cuda-graphs; by default on CUDA
+        for one process, no --strategy, without gradient checkpointing: the settings it is tested with).
+
+        Raises:
+            UserError: --cuda-graphs asked for on a device that is not CUDA.
+        """
+        if self.cuda_graphs is None:
+            return device == "cuda" and self.strategy == "none" and not self.gradient_checkpointing
+        if self.cuda_graphs and device != "cuda":
+            raise UserError("--cuda-graphs needs a CUDA device")
+        return self.cuda_graphs
+
     def objective_spec(self) -> ObjectiveSpec:
         """The restore stage's objective as a validated spec: what the loop, the plan, the
         data-parallel wrapping and the study ask (`linearard.objectives.spec`).

@@ -278,7 +278,7 @@ class _Run:
             enable_activation_checkpointing(model)
         self.model = model
         self.ts = TeacherStudent(model, self.scaling)
-        if self._compiles():
+        if config.compiles(ctx.device.type):
             compile_layers(self.ts)
         self.files = training_files(config.data)
         if config.data:
@@ -321,7 +321,7 @@ class _Run:
             scheduler.load_state_dict(self.trainer.scheduler)
             blocks.load_state_dict(checkpoint.rank_state["data"])
             set_rng_state(checkpoint.rank_state["rng"])
-        graphs = self._graphs()
+        graphs = config.replays_graphs(ctx.device.type)
         if graphs:
             make_capturable(optimizer)
 
@@ -410,21 +410,6 @@ class _Run:
             f"stopped: non-finite {what} at step {step} of the {stage.name} stage; {where} "
             "(try a lower --lr, or --precision fp32)"
         )
-
-    def _graphs(self) -> bool:
-        """Whether steps replay a CUDA graph (`linearard.training.graphed`): asked for, or by default on
-        one CUDA process (no --strategy) without gradient checkpointing, the settings it is tested with."""
-        config = self.config
-        if config.cuda_graphs is None:
-            return self.ctx.device.type == "cuda" and config.strategy == "none" and not config.gradient_checkpointing
-        if config.cuda_graphs and self.ctx.device.type != "cuda":
-            raise UserError("--cuda-graphs needs a CUDA device")
-        return config.cuda_graphs
-
-    def _compiles(self) -> bool:
-        if self.config.compile is None:
-            return self.ctx.device.type == "cuda"
-        return self.config.compile
 
     # -- checkpoints --------------------------------------------------------------------------------
 

@@ -134,7 +134,9 @@ class Plan:
             + ("" if c.data else " (built-in public-domain corpus)"),
             f"  processes  {self.world_size} ({c.strategy}) on {self.device}, "
             f"{'bf16 autocast' if self.bf16 else 'fp32'}"
-            + (", gradient checkpointing" if c.gradient_checkpointing else ""),
+            + (", gradient checkpointing" if c.gradient_checkpointing else "")
+            + (", compiled layers" if c.compiles(self.device) else "")
+            + (", steps replayed from a CUDA graph" if c.replays_graphs(self.device) else ""),
             f"  optimizer  AdamW lr {c.lr:g}, {c.warmup_steps} warm-up steps, cosine to x{c.min_lr_ratio:g}, "
             f"weight decay {c.weight_decay:g}, clip {c.clip:g}",
             "  stages",
