@@ -54,6 +54,7 @@ def run_one(args: argparse.Namespace) -> None:
             gradient_checkpointing=args.gradient_checkpointing, save_every=0, export=False, eval=False,
             warmup_steps=1, log_every=1, device=args.device, precision=args.precision, batch_size=args.batch_size,
             shuffle_buffer=0,  # the corpus dealt in order: N processes see the global batch of one
+            cuda_graphs={"on": True, "off": False}.get(args.cuda_graphs),
         )
     )
     cuda = args.device == "cuda"
@@ -77,6 +78,7 @@ def run_one(args: argparse.Namespace) -> None:
               "seq_len": args.seq_len, "batch_size": args.batch_size,
               # how the plan split this process's share of a step: blocks per micro-batch, micro-batches
               "micro_batches": [result.plan.stages[0].batch_size, result.plan.stages[0].grad_accum],
+              "cuda_graphs": result.plan.graphs,
               "precision": "bf16" if config.trains_in_bf16(args.device) else "fp32",
               "model": {k: shape.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                    "vocab_size", "max_position_embeddings")},
@@ -172,7 +174,8 @@ def merge(folders: list[str], results: Path) -> None:
         world = ranks[0]["world_size"]
         rows.append({**{k: ranks[0].get(k) for k in ("model", "strategy", "reduce_dtype", "world_size", "seq_len",
                                                     "rope_factor", "tokens_per_step", "precision", "batch_size",
-                                                    "micro_batches", "gpu", "torch", "gradient_checkpointing")},
+                                                    "micro_batches", "cuda_graphs", "gpu", "torch",
+                                                    "gradient_checkpointing")},
                      "tokens_per_s": round(tokens_per_s, 1),
                      "tokens_per_s_per_gpu": round(tokens_per_s / world, 1),
                      "peak_gib_per_gpu": [r["peak_gib"] for r in ranks],
@@ -234,6 +237,8 @@ def main() -> int:
                         help="auto: bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--rope-factor", type=float, default=4.0, help="linear RoPE scaling of the student")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--cuda-graphs", choices=("on", "off"),
+                        help="replay each step from a CUDA graph (default: as restore decides: on for one process)")
     parser.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default="fp32",
                         help="precision of the gradient all-reduce between processes (ddp/fsdp)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",

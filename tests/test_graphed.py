@@ -1,7 +1,12 @@
 """Optimizer steps replayed from a CUDA graph: the optimizer and scheduler state it needs round-trips
-through a checkpoint; on a GPU, graph-replayed steps train as eager ones and resume after a stop."""
+through a checkpoint; on a GPU, graph-replayed steps train as eager ones (one process, tied and untied
+embeddings; DDP under torchrun, its all-reduce recorded too) and resume after a stop."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +20,7 @@ from linearard.training.interrupt import StopRequest
 from linearard.training.loop import restore
 from linearard.training.metrics import read_metrics
 from linearard.training.schedule import current_lr, lr_factor, warmup_cosine
-from tiny import byte_tokenizer, tiny_model, write_corpus
+from tiny import save_tiny, write_corpus
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -72,7 +77,7 @@ def test_graphs_refuse_what_their_recording_does_not_cover(tmp_path):
 
     with pytest.raises(UserError, match="--cuda-graphs and --gradient-checkpointing"):
         build_config(flags=dict(cuda_graphs=True, gradient_checkpointing=True)).validate()
-    with pytest.raises(UserError, match="--cuda-graphs records one process's step: leave it off with --strategy fsdp"):
+    with pytest.raises(UserError, match="--cuda-graphs does not record FSDP's steps: leave it off with --strategy"):
         build_config(flags=dict(cuda_graphs=True, strategy="fsdp")).validate()
     if not torch.cuda.is_available():
         config = build_config(flags=dict(cuda_graphs=True, max_tokens=512, seq_len=64, output=str(tmp_path / "r")))
@@ -94,14 +99,20 @@ def test_the_plan_says_how_steps_are_launched():
     assert processes(device="cpu").endswith("on cpu, fp32")
     with pytest.raises(UserError, match="--cuda-graphs needs a CUDA device"):
         processes(device="cpu", cuda_graphs=True)
+    # DDP records its steps when asked to, and only when every stage trains every adapter: its search for
+    # adapters without a gradient reads the device each step
+    assert processes(device="cuda", strategy="ddp").endswith("bf16 autocast, compiled layers")
+    assert processes(device="cuda", strategy="ddp", cuda_graphs=True).endswith("steps replayed from a CUDA graph")
+    assert processes(device="cuda", layers="0-1").endswith("steps replayed from a CUDA graph")
+    with pytest.raises(UserError, match=r"--cuda-graphs with --strategy ddp needs every adapter trained in every "
+                                        r"stage, and the restore stage's objective reaches 12 of 180 adapter tensors"):
+        processes(device="cuda", strategy="ddp", cuda_graphs=True, layers="0-1")
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
+@pytest.fixture(scope="module", params=["llama", "qwen3-tied"])
+def llama(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("graphed")
-    tiny_model("llama").save_pretrained(root / "llama")
-    byte_tokenizer().save_pretrained(root / "llama")
-    return str(root / "llama"), str(write_corpus(root / "corpus", docs=4, words=300))
+    return str(save_tiny(root / request.param, request.param)), str(write_corpus(root / "corpus", docs=4, words=300))
 
 
 def _run(llama, folder, **overrides):
@@ -150,3 +161,30 @@ def test_graph_replayed_steps_train_as_eager_steps_and_resume_after_a_stop(llama
     resumed = build_config(flags={**stopped.to_dict(), "resume": True})
     restore(resumed, log=lambda _: None)
     assert _worst_difference(b, _adapters(resumed)) < 1e-3
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduce_dtype", ["fp32", "bf16"])
+def test_ddp_steps_replayed_from_a_graph_train_as_eager_ddp_steps(llama, tmp_path, reduce_dtype):
+    """torchrun with one process per GPU present (NCCL): DDP's gradient hooks and all-reduce, recorded in the
+    graph, train as DDP's eager steps; 16 steps: DDP's 11 eager ones, then replays."""
+    configs = {
+        graphs: _run(llama, tmp_path / f"graphs_{graphs}", strategy="ddp", reduce_dtype=reduce_dtype,
+                     cuda_graphs=graphs, max_tokens=64 * 4 * 16, save_every=0)
+        for graphs in (False, True)
+    }
+    for graphs, config in configs.items():
+        saved = tmp_path / f"graphs_{graphs}.yaml"
+        config.save(saved)
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+             str(torch.cuda.device_count()), "-m", "linearard", "restore", "--config", str(saved)],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+            capture_output=True, text=True, timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("steps replayed from a CUDA graph" in done.stdout) == graphs
+    losses = [[r["loss"] for r in read_metrics(c.output)] for c in configs.values()]
+    assert len(losses[1]) == 16 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert _worst_difference(*(_adapters(c) for c in configs.values())) < 1e-3

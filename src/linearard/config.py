@@ -193,8 +193,8 @@ class RestoreConfig:
     )
     cuda_graphs: bool | None = _opt(
         None,
-        "after 3 steps, replay each optimizer step from one recorded CUDA graph (default: on for one process on "
-        "CUDA without gradient checkpointing)",
+        "after a few eager steps, replay each optimizer step from one recorded CUDA graph (default: on for one "
+        "process on CUDA without gradient checkpointing; with --strategy ddp when asked for)",
         "optimization",
     )
     seed: int = _opt(0, "random seed (model init of adapters, data order)", "optimization", metavar="N")
@@ -276,8 +276,9 @@ class RestoreConfig:
                             "fsdp under torchrun")
         if self.cuda_graphs and self.gradient_checkpointing:
             raise UserError("--cuda-graphs and --gradient-checkpointing do not go together: choose one")
-        if self.cuda_graphs and self.strategy != "none":
-            raise UserError(f"--cuda-graphs records one process's step: leave it off with --strategy {self.strategy}")
+        if self.cuda_graphs and self.strategy == "fsdp":
+            raise UserError("--cuda-graphs does not record FSDP's steps: leave it off with --strategy fsdp, or use "
+                            "--strategy ddp")
         if self.resume and self.overwrite:
             raise UserError("--resume continues the run in --output and --overwrite starts it over: give one")
         self.objective_spec()
@@ -293,7 +294,7 @@ class RestoreConfig:
 
     def replays_graphs(self, device: str) -> bool:
         """Whether a run on `device` replays its steps from a CUDA graph (--cuda-graphs; by default on CUDA
-        for one process, no --strategy, without gradient checkpointing: the settings it is tested with).
+        for one process, no --strategy, without gradient checkpointing; under DDP only when asked for).
 
         Raises:
             UserError: --cuda-graphs asked for on a device that is not CUDA.

@@ -9,11 +9,13 @@ kernels a step (`benchmarks/bench_generation.py`).
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import torch
 from transformers import StaticCache
 
 from linearard.evaluation.scoring import forward, model_device, pad_batch
+from linearard.training.graphed import GraphedStep
 
 
 @torch.no_grad()
@@ -80,9 +82,9 @@ def greedy_generate(
 
 
 class _Decoder:
-    """One batch: the prompts run into a static cache, then :meth:`step` feeds the last token (``token``)
+    """One batch: the prompts run into a static cache, then ``step()`` feeds the last token (``token``)
     and leaves the next one there. A step reads and writes only this object's buffers, so on CUDA it is
-    captured as a graph after one eager run and replayed from then on."""
+    recorded as a graph after one eager run and replayed from then on."""
 
     def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> None:
         batch, length = ids.shape
@@ -96,30 +98,18 @@ class _Decoder:
         self.token = logits[:, -1:].argmax(-1)
         self.position = positions[:, -1:].clone()
         self.slot = torch.full((1,), length - 1, dtype=torch.long, device=ids.device)
-        self.capture = ids.device.type == "cuda" and replayable(model, self.cache)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        capture = ids.device.type == "cuda" and replayable(model, self.cache)
+        # one eager step (lazy allocations, kernel choices), then every step from one recording
+        self.step = GraphedStep(self._step, warmup=1) if capture else self._step
 
-    def step(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        elif self.capture:  # run once eagerly (lazy allocations, kernel choices), then capture the next
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._step()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._step()
-        else:
-            self._step()
-
-    def _step(self) -> None:
+    def _step(self, _inputs: Any = ()) -> dict[str, torch.Tensor]:
+        """Feed `token` and leave the next one there (a step reads and writes only this object's buffers)."""
         self.position += 1
         self.slot += 1
         self.mask.index_fill_(1, self.slot, 1)
         logits, _ = forward(self.model, self.token, self.mask, self.position, cache=self.cache, use_cache=True)
         self.token.copy_(logits[:, -1:].argmax(-1))
+        return {}
 
 
 def replayable(model, cache: StaticCache) -> bool:

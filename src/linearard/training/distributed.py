@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from linearard.errors import UserError
+from linearard.training.graphed import on_side_stream
 
 
 @dataclass
@@ -148,6 +149,7 @@ def wrap(
     bf16: bool,
     reduce_bf16: bool = False,
     find_unused: bool = True,
+    graphs: bool = False,
 ) -> nn.Module:
     """Wrap `module` for `ctx.strategy`; the returned module is what the loop calls.
 
@@ -158,6 +160,8 @@ def wrap(
         reduce_bf16: average the gradients between processes in bf16: half the bytes of fp32 on the link.
         find_unused: DDP looks for adapters without a gradient each step (needed when the objective
             cannot reach some of them: `linearard.objectives.ObjectiveSpec.reaches`).
+        graphs: steps will be recorded in a CUDA graph, DDP's gradient hooks included
+            (`linearard.training.graphed`).
     """
     if ctx.strategy == "ddp":
         import inspect
@@ -168,12 +172,17 @@ def wrap(
         # torch >= 2.13 spells "do not sync them every forward" differently.
         params = inspect.signature(DistributedDataParallel.__init__).parameters
         no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-        wrapped = DistributedDataParallel(
-            module,
-            device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-            find_unused_parameters=find_unused,
-            **no_sync,
-        )
+        # A recording holds DDP's hooks: build DDP on its stream, and let DDP time (with events it waits
+        # for) only its first steps, which run before the recording.
+        with on_side_stream() if graphs else contextlib.nullcontext():
+            wrapped = DistributedDataParallel(
+                module,
+                device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+                find_unused_parameters=find_unused,
+                **no_sync,
+            )
+        if graphs:
+            wrapped._set_ddp_runtime_logging_sample_rate(2**31 - 1)
         if reduce_bf16:
             wrapped.register_comm_hook(None, bf16_average)
         return wrapped

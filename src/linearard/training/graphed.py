@@ -11,11 +11,18 @@ it for each later step: the host copies the next micro-batches into the graph's 
 A step can be recorded when it keeps every shape fixed, never waits for the device (no values read, no
 shape that depends on the data), lets its backward create the gradients (``zero_grad(set_to_none=True)``
 first) and takes its learning rate from a tensor (`make_capturable`). The restore loop's steps do.
+
+Under DDP the recording holds the gradient all-reduce too (NCCL records into CUDA graphs). DDP must then be
+built on `side_stream`, reach every trainable parameter each step (no search for unused ones: that reads a
+flag back from the device), and have run `DDP_WARMUP` steps first. Decoding replays its steps the same way
+(`linearard.evaluation.generation`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,14 +30,18 @@ import torch
 Batches = list[dict[str, Any]]
 Metrics = dict[str, torch.Tensor]
 WARMUP = 3  # eager steps before the recording
+# DDP times its first 10 synchronised steps with CUDA events and waits for them at the start of the next:
+# a recording must come after that wait.
+DDP_WARMUP = 11
 
 
 class GraphedStep:
     """`step` run eagerly `warmup` times, then recorded once and replayed.
 
     Args:
-        step: one optimizer step over a list of micro-batches, returning 0-d metric tensors.
-        warmup: eager steps first (on a side stream, as CUDA graph capture asks).
+        step: one optimizer step over a list of micro-batches, returning 0-d metric tensors (a step of
+            decoding takes no inputs and returns none).
+        warmup: eager steps first (on `side_stream`, as CUDA graph capture asks; `DDP_WARMUP` under DDP).
 
     Each call returns the step's metrics as tensors of their own (a replay overwrites the graph's).
 
@@ -49,7 +60,7 @@ class GraphedStep:
         self.inputs: Batches = []
         self.outputs: Metrics = {}
 
-    def __call__(self, batches: Batches) -> Metrics:
+    def __call__(self, batches: Batches = ()) -> Metrics:
         self.calls += 1
         if self.graph is None:
             if self.calls <= self.warmup:
@@ -69,20 +80,42 @@ class GraphedStep:
         self.inputs, self.outputs = [], {}
 
     def _eager(self, batches: Batches) -> Metrics:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            metrics = self.step(batches)
-        torch.cuda.current_stream().wait_stream(side)
-        return metrics
+        with on_side_stream():
+            return self.step(batches)
 
     def _record(self, batches: Batches) -> None:
         self.inputs = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
         graph = torch.cuda.CUDAGraph()
         # thread_local: the thread that stacks the next batches in pinned memory may call CUDA meanwhile
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=side_stream(), capture_error_mode="thread_local"):
             self.outputs = self.step(self.inputs)
         self.graph = graph
+
+
+@functools.cache
+def _side_stream(device: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def side_stream() -> torch.cuda.Stream:
+    """The current CUDA device's one stream for graphed work: warm-up steps run on it and recordings are
+    made on it. A model whose gradients a graph records is wrapped in DDP on it too (`on_side_stream`):
+    autograd accumulates a parameter's gradient on the stream that was current when its accumulator was
+    made, and DDP makes them all when it is built."""
+    return _side_stream(torch.cuda.current_device())
+
+
+@contextmanager
+def on_side_stream() -> Iterator[torch.cuda.Stream]:
+    """Run the block on `side_stream`, after what the current stream has queued and before what it
+    queues next."""
+    side, current = side_stream(), torch.cuda.current_stream()
+    side.wait_stream(current)
+    try:
+        with torch.cuda.stream(side):
+            yield side
+    finally:
+        current.wait_stream(side)
 
 
 def make_capturable(optimizer: torch.optim.Optimizer) -> None:

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import math
 import random
@@ -57,7 +58,7 @@ from linearard.training.checkpoint import (
     write_checkpoint,
 )
 from linearard.training.distributed import DistContext
-from linearard.training.graphed import GraphedStep, make_capturable, portable_state
+from linearard.training.graphed import DDP_WARMUP, WARMUP, GraphedStep, make_capturable, portable_state
 from linearard.training.interrupt import StopRequest
 from linearard.training.metrics import MetricsWriter, Progress, stage_label
 from linearard.training.plan import (
@@ -172,7 +173,8 @@ class _Run:
             list(self.ts.decoder.layers),
             bf16=self.bf16,
             reduce_bf16=config.reduce_dtype == "bf16",
-            find_unused=any(self._unreached(stage) for stage in plan.stages),
+            find_unused=any(plan.untrained(stage) for stage in plan.stages),
+            graphs=plan.graphs,
         )
         checkpoint = read_checkpoint(resume_from, rank=ctx.rank, world_size=ctx.world_size) if resume_from else None
         self.trainer = checkpoint.trainer if checkpoint else TrainerState(world_size=ctx.world_size)
@@ -307,7 +309,7 @@ class _Run:
         self.objective = stage.objective.build()
         # What the stage's objective cannot reach gets no gradient: it stays out of the optimizer, and
         # FSDP gathers before backward the layers it trains only through the Q/K/V their attention handed over.
-        unreached = set(self._unreached(stage))
+        unreached = set(self.plan.untrained(stage))
         params = [p for name, p in self.model.named_parameters() if p.requires_grad and name not in unreached]
         reads = stage.objective.reads(self.ts.num_layers)
         gather = [self.ts.decoder.layers[i] for i in sorted(reads.attention) if i >= reads.depth(self.ts.num_layers)]
@@ -321,27 +323,10 @@ class _Run:
             scheduler.load_state_dict(self.trainer.scheduler)
             blocks.load_state_dict(checkpoint.rank_state["data"])
             set_rng_state(checkpoint.rank_state["rng"])
-        graphs = config.replays_graphs(ctx.device.type)
-        if graphs:
+        run_step = functools.partial(self._optimizer_step, optimizer, params, gather)
+        if self.plan.graphs:
             make_capturable(optimizer)
-
-        def train_step(micro_batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-            optimizer.zero_grad(set_to_none=True)
-            totals: dict[str, torch.Tensor] = {}
-            for micro, batch in enumerate(micro_batches):
-                sync = micro == len(micro_batches) - 1
-                with dist_utils.gradient_sync(self.wrapped, ctx, sync), self._autocast():
-                    loss, metrics = self.wrapped(self._objective_step, batch)
-                    dist_utils.gather_for_backward(ctx, gather)
-                    (loss / len(micro_batches)).backward()
-                for key, value in metrics.items():
-                    part = value.detach().float() / len(micro_batches)
-                    totals[key] = totals[key] + part if key in totals else part
-            totals["grad_norm"] = _clip(params, config.clip)
-            optimizer.step()
-            return totals
-
-        run_step = GraphedStep(train_step) if graphs else train_step
+            run_step = GraphedStep(run_step, warmup=DDP_WARMUP if ctx.strategy == "ddp" else WARMUP)
         batches = MicroBatches(blocks, stage.batch_size, ctx.device)
         self.progress.set_description(stage_label(stage.name, index, len(self.stages)))
         self.model.train()
@@ -370,19 +355,35 @@ class _Run:
                     )
         finally:
             batches.close()
-            if graphs:  # the gradients live in the graph's memory pool: drop them, then the graph
+            if isinstance(run_step, GraphedStep):  # the gradients live in the graph's memory pool: drop them first
                 optimizer.zero_grad(set_to_none=True)
                 run_step.close()
         return log.last
 
+    def _optimizer_step(
+        self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], gather: list[torch.nn.Module],
+        micro_batches: list[dict[str, Any]],
+    ) -> dict[str, torch.Tensor]:
+        """One optimizer step over `micro_batches`: their metrics averaged, and the gradient norm before
+        clipping, all left on the device."""
+        config, ctx = self.config, self.ctx
+        optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, torch.Tensor] = {}
+        for micro, batch in enumerate(micro_batches):
+            sync = micro == len(micro_batches) - 1
+            with dist_utils.gradient_sync(self.wrapped, ctx, sync), self._autocast():
+                loss, metrics = self.wrapped(self._objective_step, batch)
+                dist_utils.gather_for_backward(ctx, gather)
+                (loss / len(micro_batches)).backward()
+            for key, value in metrics.items():
+                part = value.detach().float() / len(micro_batches)
+                totals[key] = totals[key] + part if key in totals else part
+        totals["grad_norm"] = _clip(params, config.clip)
+        optimizer.step()
+        return totals
+
     def _objective_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.objective.run(self.ts, batch)
-
-    def _unreached(self, stage: Stage) -> list[str]:
-        """Trainable parameters that the stage's objective cannot give a gradient."""
-        n = self.ts.num_layers
-        reads = stage.objective.reads(n)
-        return [name for name, p in self.model.named_parameters() if p.requires_grad and not reads.reaches(name, n)]
 
     def _blocks(self, stage: Stage) -> TokenBlocks:
         return TokenBlocks(

@@ -68,6 +68,7 @@ class ModelShape:
     parameters: int
     trainable: int
     dtype: torch.dtype
+    adapters: tuple[str, ...] = ()  # the names of the trainable parameters
 
     @classmethod
     def of(cls, model: torch.nn.Module, config: Any) -> ModelShape:
@@ -86,6 +87,7 @@ class ModelShape:
             parameters=sum(p.numel() for p in params if not p.requires_grad),
             trainable=sum(p.numel() for p in params if p.requires_grad),
             dtype=base.dtype,
+            adapters=tuple(name for name, p in model.named_parameters() if p.requires_grad),
         )
 
 
@@ -114,10 +116,28 @@ class Plan:
     device: str
     bf16: bool
     memory: MemoryEstimate
+    graphs: bool = field(init=False)  # steps replayed from a CUDA graph
+
+    def __post_init__(self) -> None:
+        self.graphs = self.config.replays_graphs(self.device)
+        if not (self.graphs and self.config.strategy == "ddp"):
+            return
+        for stage in self.stages:  # DDP's search for unused parameters reads the device: no recording
+            if names := self.untrained(stage):
+                raise UserError(
+                    f"--cuda-graphs with --strategy ddp needs every adapter trained in every stage, and the "
+                    f"{stage.name} stage's objective reaches {len(self.model.adapters) - len(names)} of "
+                    f"{len(self.model.adapters)} adapter tensors (not {names[0]}, ...): leave --cuda-graphs off"
+                )
 
     @property
     def total_tokens(self) -> int:
         return sum(s.tokens for s in self.stages)
+
+    def untrained(self, stage: Stage) -> list[str]:
+        """The trainable parameters that `stage`'s objective cannot give a gradient."""
+        n = self.model.num_layers
+        return [name for name in self.model.adapters if not stage.objective.reaches(name, n)]
 
     def describe(self) -> str:
         """The plan as the human-readable block `--dry-run` prints."""
@@ -136,7 +156,7 @@ class Plan:
             f"{'bf16 autocast' if self.bf16 else 'fp32'}"
             + (", gradient checkpointing" if c.gradient_checkpointing else "")
             + (", compiled layers" if c.compiles(self.device) else "")
-            + (", steps replayed from a CUDA graph" if c.replays_graphs(self.device) else ""),
+            + (", steps replayed from a CUDA graph" if self.graphs else ""),
             f"  optimizer  AdamW lr {c.lr:g}, {c.warmup_steps} warm-up steps, cosine to x{c.min_lr_ratio:g}, "
             f"weight decay {c.weight_decay:g}, clip {c.clip:g}",
             "  stages",
