@@ -2,6 +2,7 @@
 through a checkpoint; on a GPU, graph-replayed steps train as eager ones (one process, tied and untied
 embeddings; DDP under torchrun, its all-reduce recorded too) and resume after a stop."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -104,6 +105,11 @@ def test_the_plan_says_how_steps_are_launched():
     assert processes(device="cuda", strategy="ddp").endswith("bf16 autocast, compiled layers")
     assert processes(device="cuda", strategy="ddp", cuda_graphs=True).endswith("steps replayed from a CUDA graph")
     assert processes(device="cuda", layers="0-1").endswith("steps replayed from a CUDA graph")
+    # under torchrun the plan names the process's own GPU, and says the same
+    plan = dry_run_plan(build_config(flags=dict(max_tokens=40_000, tokens_per_step=1024, device="cuda",
+                                                strategy="ddp", cuda_graphs=True)))
+    own_gpu = dataclasses.replace(plan, device="cuda:1")
+    assert own_gpu.graphs and "on cuda:1, bf16 autocast, compiled layers, steps replayed" in own_gpu.describe()
     with pytest.raises(UserError, match=r"--cuda-graphs with --strategy ddp needs every adapter trained in every "
                                         r"stage, and the restore stage's objective reaches 12 of 180 adapter tensors"):
         processes(device="cuda", strategy="ddp", cuda_graphs=True, layers="0-1")

@@ -119,7 +119,7 @@ class Plan:
     graphs: bool = field(init=False)  # steps replayed from a CUDA graph
 
     def __post_init__(self) -> None:
-        self.graphs = self.config.replays_graphs(self.device)
+        self.graphs = self.config.replays_graphs(self.device_type)
         if not (self.graphs and self.config.strategy == "ddp"):
             return
         for stage in self.stages:  # DDP's search for unused parameters reads the device: no recording
@@ -129,6 +129,11 @@ class Plan:
                     f"{stage.name} stage's objective reaches {len(self.model.adapters) - len(names)} of "
                     f"{len(self.model.adapters)} adapter tensors (not {names[0]}, ...): leave --cuda-graphs off"
                 )
+
+    @property
+    def device_type(self) -> str:
+        """``cuda`` or ``cpu`` (`device` names the process's own GPU under torchrun: ``cuda:1``)."""
+        return torch.device(self.device).type
 
     @property
     def total_tokens(self) -> int:
@@ -155,7 +160,7 @@ class Plan:
             f"  processes  {self.world_size} ({c.strategy}) on {self.device}, "
             f"{'bf16 autocast' if self.bf16 else 'fp32'}"
             + (", gradient checkpointing" if c.gradient_checkpointing else "")
-            + (", compiled layers" if c.compiles(self.device) else "")
+            + (", compiled layers" if c.compiles(self.device_type) else "")
             + (", steps replayed from a CUDA graph" if self.graphs else ""),
             f"  optimizer  AdamW lr {c.lr:g}, {c.warmup_steps} warm-up steps, cosine to x{c.min_lr_ratio:g}, "
             f"weight decay {c.weight_decay:g}, clip {c.clip:g}",
