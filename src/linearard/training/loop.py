@@ -131,8 +131,11 @@ def restore(config: RestoreConfig, *, log: Callable[[str], None] = print) -> Res
         raise
     finally:
         run.close()
+        del run
+        # The run's objects reference each other: free them now, not at some later gc, and DDP's reducer
+        # before the process group ends (freed after it, it ends the group itself and can hang there).
+        gc.collect()
         dist_utils.teardown(ctx)
-        gc.collect()  # the run's objects reference each other; free the model now, not at some later gc
 
 
 def _silent(_: str) -> None:
