@@ -180,7 +180,10 @@ def _with_config(model: Any, config: Any, dtype: torch.dtype | None = None) -> A
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or next(model.parameters()).dtype
-    fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Its random initialisation is overwritten at once, and must not draw from the caller's random numbers:
+    # a run's adapters would start elsewhere when it converted the embedded model than when it found it cached.
+    with torch.random.fork_rng(devices=[]):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
     fresh.load_state_dict(model.state_dict())
     fresh.generation_config = model.generation_config
     return fresh
