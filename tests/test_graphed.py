@@ -116,13 +116,13 @@ def test_the_plan_says_how_steps_are_launched():
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3-tied"])
-def llama(tmp_path_factory, request):
+def model_and_corpus(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("graphed")
     return str(save_tiny(root / request.param, request.param)), str(write_corpus(root / "corpus", docs=4, words=300))
 
 
-def _run(llama, folder, **overrides):
-    model, corpus = llama
+def _run(model_and_corpus, folder, **overrides):
+    model, corpus = model_and_corpus
     flags = dict(
         model=model, data=[corpus], seq_len=64, tokens_per_step=64 * 4, batch_size=2, max_tokens=64 * 4 * 12,
         lora_rank=4, lora_alpha=8, warmup_steps=2, lr=1e-2, rope_type="linear", rope_factor=8.0,
@@ -143,13 +143,13 @@ def _worst_difference(a, b):
 
 @gpu
 @pytest.mark.gpu
-def test_graph_replayed_steps_train_as_eager_steps_and_resume_after_a_stop(llama, tmp_path, monkeypatch):
-    eager = _run(llama, tmp_path / "eager", cuda_graphs=False)
+def test_graph_replayed_steps_train_as_eager_steps_and_resume_after_a_stop(model_and_corpus, tmp_path, monkeypatch):
+    eager = _run(model_and_corpus, tmp_path / "eager", cuda_graphs=False)
     restore(eager, log=lambda _: None)
     replays = []
     real_replay = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (replays.append(1), real_replay(graph)))
-    graphed = _run(llama, tmp_path / "graphed", cuda_graphs=True)
+    graphed = _run(model_and_corpus, tmp_path / "graphed", cuda_graphs=True)
     restore(graphed, log=lambda _: None)
     assert len(replays) == 12 - 3  # three eager steps, then every step from the graph
     losses = [[r["loss"] for r in read_metrics(c.output)] for c in (eager, graphed)]
@@ -159,7 +159,7 @@ def test_graph_replayed_steps_train_as_eager_steps_and_resume_after_a_stop(llama
     assert _worst_difference(a, b) < 1e-3
 
     # a stop after step 6 (a replayed one) writes a checkpoint; the resumed run records its own graph
-    stopped = _run(llama, tmp_path / "stopped", cuda_graphs=True, save_every=0)
+    stopped = _run(model_and_corpus, tmp_path / "stopped", cuda_graphs=True, save_every=0)
     monkeypatch.setattr(StopRequest, "due", lambda self, step, ctx, checkpoint: step == 6)
     with pytest.raises(Interrupted):
         restore(stopped, log=lambda _: None)
@@ -172,11 +172,11 @@ def test_graph_replayed_steps_train_as_eager_steps_and_resume_after_a_stop(llama
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("reduce_dtype", ["fp32", "bf16"])
-def test_ddp_steps_replayed_from_a_graph_train_as_eager_ddp_steps(llama, tmp_path, reduce_dtype):
+def test_ddp_steps_replayed_from_a_graph_train_as_eager_ddp_steps(model_and_corpus, tmp_path, reduce_dtype):
     """torchrun with one process per GPU present (NCCL): DDP's gradient hooks and all-reduce, recorded in the
     graph, train as DDP's eager steps; 16 steps: DDP's 11 eager ones, then replays."""
     configs = {
-        graphs: _run(llama, tmp_path / f"graphs_{graphs}", strategy="ddp", reduce_dtype=reduce_dtype,
+        graphs: _run(model_and_corpus, tmp_path / f"graphs_{graphs}", strategy="ddp", reduce_dtype=reduce_dtype,
                      cuda_graphs=graphs, max_tokens=64 * 4 * 16, save_every=0)
         for graphs in (False, True)
     }
