@@ -179,6 +179,21 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(models, corpus,
     assert [p.name for p in list_checkpoints(cfg.output)] == ["step-00000002"]
 
 
+def test_layers_compile_without_dynamos_ddp_graph_splitting_and_the_setting_is_put_back(models, corpus, tmp_path,
+                                                                                       monkeypatch):
+    seen = []
+
+    def run(self):
+        seen.append(torch._dynamo.config.optimize_ddp)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(_Run, "run", run)
+    before = torch._dynamo.config.optimize_ddp
+    with pytest.raises(UserError, match="stop here"):
+        restore(_config(models, corpus, tmp_path), log=_quiet)
+    assert seen == [False] and torch._dynamo.config.optimize_ddp == before
+
+
 def test_out_of_memory_is_a_user_error_with_a_hint(models, corpus, tmp_path, monkeypatch):
     _crash_on_call(monkeypatch, 1, torch.OutOfMemoryError("CUDA out of memory"))
     with pytest.raises(UserError, match="out of memory: lower --seq-len .* --gradient-checkpointing"):

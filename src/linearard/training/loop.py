@@ -122,7 +122,11 @@ def restore(config: RestoreConfig, *, log: Callable[[str], None] = print) -> Res
     ctx = dist_utils.setup(config.strategy, config.device)
     run = _Run(config, ctx, log if ctx.is_main else _silent)
     try:
-        return run.run()
+        # Each compiled graph is one decoder layer, so DDP's buckets already fill while later layers run
+        # backward. Dynamo's own DDP support would split each layer's graph at bucket edges, and the
+        # pieces keep more activations for backward (DDP on one H200, SmolLM2 shape: +1.1 GiB, 1.3% slower).
+        with torch._dynamo.config.patch(optimize_ddp=False):
+            return run.run()
     except torch.OutOfMemoryError:
         raise UserError(f"out of memory: {OOM_HINT}") from None
     except RuntimeError as err:
