@@ -29,13 +29,18 @@ from tiny import FAMILIES, tiny_model
 LENGTH = 24
 
 
-def make_pair(family: str = "llama", factor: float = 4.0, targets=DEFAULT_TARGETS, **overrides):
-    """A LoRA student on a tiny model and its TeacherStudent (linear PI by `factor`; 1 = no scaling)."""
+def make_pair(family: str = "llama", factor: float = 4.0, targets=DEFAULT_TARGETS, checkpointing=False,
+              recompute_teacher=None, **overrides):
+    """A LoRA student on a tiny model and its TeacherStudent (linear PI by `factor`; 1 = no scaling).
+    With `checkpointing` the layers checkpoint (in training mode) before the pair is made."""
     model = add_adapters(tiny_model(family, **overrides), "lora", rank=8, alpha=16, targets=targets)
+    if checkpointing:
+        enable_activation_checkpointing(model)
+        model.train()
     native = model.config.max_position_embeddings
     # factor 1 bypasses RopeScaling.resolve (which rejects it for users) to make student == teacher.
     scaling = RopeScaling("linear", factor, native, int(native * factor))
-    return model, TeacherStudent(model, scaling)
+    return model, TeacherStudent(model, scaling, recompute_teacher=recompute_teacher)
 
 
 def make_batch(seed: int = 0, batch: int = 2, length: int = LENGTH, pad: str = "left"):
@@ -334,6 +339,56 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(spec):
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-7)
 
 
+def _with_and_without_recomputing(spec: str, family: str):
+    batch = make_batch()
+    results = []
+    for recompute in (False, True):
+        model, ts = make_pair(family, checkpointing=True, recompute_teacher=recompute, num_hidden_layers=3)
+        assert ts.recompute_teacher is recompute
+        randomise_lora_b(model)
+        loss, metrics = build_objective(spec)(ts, batch)
+        loss.backward()
+        results.append((loss.detach(), metrics, grads(model)))
+    return results
+
+
+@pytest.mark.parametrize(("family", "spec"), [(f, "ard") for f in FAMILIES]
+                         + [("llama", "attention"), ("qwen3", "ard+hidden+logits+cpt")])
+def test_a_teacher_recomputed_in_the_students_checkpointed_layers_gives_the_same_loss_and_gradients(family, spec):
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = _with_and_without_recomputing(spec, family)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
+    assert metrics_b == pytest.approx(metrics_a, rel=1e-5, abs=1e-7)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-7)
+
+
+def test_a_recomputed_teacher_keeps_no_q_k_v_past_its_layer_and_checkpointing_chooses_it():
+    import gc
+    import weakref
+
+    assert make_pair()[1].recompute_teacher is False  # no checkpointing: the teacher's Q/K/V are kept
+    model, ts = make_pair(checkpointing=True, num_hidden_layers=3)
+    assert ts.recompute_teacher is True  # the layers checkpoint: recomputed by default
+    randomise_lora_b(model)
+    recomputed, original = [], ts.teacher_attention
+
+    def watched(layer, call):
+        inputs = original(layer, call)
+        recomputed.append(layer)
+        refs.extend(weakref.ref(x) for x in (inputs.query, inputs.key, inputs.value))
+        return inputs
+
+    refs = []
+    ts.teacher_attention = watched
+    loss, _ = RelationDistillation(layers=[0, 2])(ts, make_batch())
+    gc.collect()
+    assert recomputed == [0, 2] and all(r() is None for r in refs)
+    loss.backward()  # recomputed again inside the backward of each checkpointed layer
+    assert recomputed == [0, 2, 2, 0] and all(r() is None for r in refs)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "layers.0." in n and "lora_" in n)
+
+
 # --- combinations -----------------------------------------------------------------------------------
 
 
@@ -425,18 +480,19 @@ def test_layer_selection():
         RelationDistillation(layers=[5])(ts, make_batch())
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", ["off", "on", "on, teacher recomputed"])
 def test_compiled_layers_train_the_same_and_compile_once(checkpointing):
     import torch._dynamo.utils
 
-    from linearard.models.compat import enable_activation_checkpointing
     from linearard.models.teacher_student import compile_layers
 
     results = []
     for compiled in (False, True):
-        model, ts = make_pair(num_hidden_layers=3)
+        recompute = checkpointing == "on, teacher recomputed"
+        model, ts = make_pair(num_hidden_layers=3, checkpointing=recompute)
+        assert ts.recompute_teacher is recompute
         randomise_lora_b(model)
-        if checkpointing:
+        if checkpointing == "on":  # a pair made before checkpointing keeps the teacher's Q/K/V
             enable_activation_checkpointing(model)
         if compiled:
             torch._dynamo.reset()

@@ -259,7 +259,11 @@ def test_memory_estimate_responds_to_the_settings(models, corpus, tmp_path):
 
     base = peak()
     qkv = "teacher Q/K/V (ard, distilled layers)"
-    assert peak(gradient_checkpointing=True).parts["activations (restore)"] < base.parts["activations (restore)"]
+    checkpointed = peak(gradient_checkpointing=True).parts
+    assert checkpointed["activations (restore)"] < base.parts["activations (restore)"]
+    # the teacher keeps each layer's attention input (hidden 64) instead of its Q/K/V (4 + 2 + 2 heads of 16)
+    assert qkv not in checkpointed
+    assert checkpointed["teacher attention inputs (distilled layers)"] * 2 == base.parts[qkv]
     assert peak(strategy="fsdp").parts["frozen weights"] == base.parts["frozen weights"] // 2
     assert peak(layers="0").parts[qkv] * 2 == base.parts[qkv]
     assert peak(relations={"q": 1}).parts[qkv] * 2 == base.parts[qkv]  # 4 query heads, 2 + 2 key/value heads

@@ -11,6 +11,11 @@ travels as a forward keyword argument, which gradient checkpointing replays on r
 The registration and the model config's attention setting last as long as the `TeacherStudent`: its
 `close()` (or the end of a ``with TeacherStudent(...)`` block) puts the model's own implementation
 back and takes the name out of transformers' registries once no other open pair uses it.
+
+Under gradient checkpointing the pair can keep, of the teacher forward, only what each attention module
+received (its input hidden states, one width per token instead of the Q/K/V widths) and recompute the
+teacher's Q/K/V of a layer inside the student's forward of that layer (`recompute_teacher`): the student
+layer's checkpoint then drops them with the rest of the layer and recomputes them in backward.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ class AttentionInputs:
 
 
 LayerCallback = Callable[[int, AttentionInputs], None]
+# What one attention module was called with: (args, kwargs), the capture keyword left out.
+AttentionCall = tuple[tuple[Any, ...], dict[str, Any]]
 FROZEN = "frozen-long-context"
 
 _PREFIX = "linearard_capture:"
@@ -79,10 +86,37 @@ def _capturing_attention(module: nn.Module, query, key, value, attention_mask, *
 
 
 @torch.compiler.disable
-def _deliver(callback: _Capture, module: nn.Module, query, key, value, scaling) -> None:
+def _deliver(callback: LayerCallback, module: nn.Module, query, key, value, scaling) -> None:
     # Outside any compiled graph: a compiled layer must not read the layer index (one graph serves
     # every layer) nor trace the objective's code.
     callback(module.layer_idx, AttentionInputs(query, key, value, float(scaling)))
+
+
+class _Recomputed(Exception):
+    """Carries a recomputed attention call's inputs out of the attention module (`TeacherStudent.teacher_attention`)."""
+
+    def __init__(self, inputs: AttentionInputs):
+        super().__init__()
+        self.inputs = inputs
+
+
+def _hand_back(_layer: int, inputs: AttentionInputs) -> None:
+    # The callback of a recomputed teacher call: the inputs are all it is for, so attention never runs.
+    raise _Recomputed(inputs)
+
+
+class _Recorder:
+    """Forward pre-hook of every attention module, for the pair's lifetime (hooks added to a compiled
+    layer after it compiled would not run): records the calls of the chosen layers inside `record`."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, AttentionCall] | None = None
+        self.layers: frozenset[int] = frozenset()
+        self.hook = torch.compiler.disable(self._record)
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.calls is not None and module.layer_idx in self.layers:
+            self.calls[module.layer_idx] = (args, {k: v for k, v in kwargs.items() if k != _CALLBACK_KWARG})
 
 
 class _Capture:
@@ -188,12 +222,15 @@ class StudentRope(nn.Module):
 class TeacherStudent:
     """The teacher and the student as two views of one model.
 
+    The pair changes the model's attention setting and registers an attention implementation with
+    transformers until `close()`; use it as a context manager to have that undone for you.
+
     Args:
         model: a transformers causal LM, usually with adapters (`linearard.models.adapters`).
         scaling: the student's RoPE scaling.
-
-    The pair changes the model's attention setting and registers an attention implementation with
-    transformers until `close()`; use it as a context manager to have that undone for you.
+        recompute_teacher: keep only the attention modules' inputs of the teacher forward and recompute
+            a layer's teacher Q/K/V when the student reaches it (`record`, `teacher_attention`); by
+            default, when the model's decoder layers checkpoint as the pair is made.
 
     Example:
         >>> with TeacherStudent(model, RopeScaling.resolve(model.config, "linear", 4.0)) as ts:  # doctest: +SKIP
@@ -201,11 +238,21 @@ class TeacherStudent:
         ...         model(input_ids)
     """
 
-    def __init__(self, model: nn.Module, scaling: RopeScaling):
+    def __init__(self, model: nn.Module, scaling: RopeScaling, recompute_teacher: bool | None = None):
         self.model = model
         self.scaling = scaling
         self.decoder = _find_decoder(model)
         self.adapters = AdapterSwitch(model)
+        attention = [getattr(layer, "self_attn", None) for layer in self.decoder.layers]
+        if recompute_teacher is None:
+            recompute_teacher = bool(getattr(self.decoder.layers[0], "gradient_checkpointing", False))
+        self.recompute_teacher = recompute_teacher and all(a is not None for a in attention)
+        self._recorder = _Recorder()
+        self._hooks = []
+        if self.recompute_teacher:
+            self._attention = attention
+            self._layer_adapters = [AdapterSwitch(a) for a in attention]
+            self._hooks = [a.register_forward_pre_hook(self._recorder.hook, with_kwargs=True) for a in attention]
         self.native_rope = self.decoder.rotary_emb
         self.student_config = scaled_config(self.decoder.config, scaling)
         self.student_rope = StudentRope(self.native_rope, self.student_config, scaling)
@@ -226,6 +273,9 @@ class TeacherStudent:
         """Give the model its own attention implementation back and unregister the capturing one (once
         no other pair uses it). Safe to call twice; the pair captures nothing afterwards."""
         self._undo()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def __enter__(self) -> TeacherStudent:
         return self
@@ -267,6 +317,30 @@ class TeacherStudent:
             yield
         finally:
             handle.remove()
+
+    @contextmanager
+    def record(self, layers: frozenset[int]) -> Iterator[dict[int, AttentionCall]]:
+        """Record the attention calls of `layers` made inside the block (the teacher forward), for
+        `teacher_attention`. Needs ``recompute_teacher``."""
+        if not self.recompute_teacher:
+            raise RuntimeError("this pair does not recompute the teacher (recompute_teacher=False)")
+        calls: dict[int, AttentionCall] = {}
+        self._recorder.calls, self._recorder.layers = calls, layers
+        try:
+            yield calls
+        finally:
+            self._recorder.calls, self._recorder.layers = None, frozenset()
+
+    def teacher_attention(self, layer: int, call: AttentionCall) -> AttentionInputs:
+        """The teacher's attention inputs of `layer`, recomputed from its recorded call: the attention
+        module runs again, with its adapters off and without gradients, up to its attention call."""
+        args, kwargs = call
+        with torch.no_grad(), self._layer_adapters[layer].off():
+            try:
+                self._attention[layer](*args, **kwargs, **{_CALLBACK_KWARG: _hand_back})
+            except _Recomputed as done:
+                return done.inputs
+        raise RuntimeError(f"layer {layer}'s attention module returned without calling attention")
 
     @contextmanager
     def causal_only(self, length: int) -> Iterator[None]:

@@ -108,10 +108,12 @@ class RelationDistillation(Objective):
         tensors = frozenset(_TENSOR[r] for r in self.relations)
         return Reads(teacher=True, attention=dict.fromkeys(select_layers(self.layers, num_layers), tensors))
 
-    def memory(self, shape: Any, tokens: int, act_bytes: int) -> dict[str, int]:
+    def memory(self, shape: Any, tokens: int, act_bytes: int, *, checkpointing: bool) -> dict[str, int]:
         widths = {"q": shape.num_heads, "k": shape.num_kv_heads, "v": shape.num_kv_heads}
         width = sum(widths[r] for r in self.relations) * shape.head_dim
         layers = len(select_layers(self.layers, shape.num_layers))
+        if checkpointing:
+            return _recomputed_teacher(shape, tokens, act_bytes, layers, width)
         return {"teacher Q/K/V (ard, distilled layers)": tokens * act_bytes * layers * width}
 
     def start(self, ts: TeacherStudent, batch: Batch) -> Step:
@@ -193,9 +195,11 @@ class AttentionDistillation(Objective):
         tensors = frozenset({"query", "key"})
         return Reads(teacher=True, attention=dict.fromkeys(select_layers(self.layers, num_layers), tensors))
 
-    def memory(self, shape: Any, tokens: int, act_bytes: int) -> dict[str, int]:
+    def memory(self, shape: Any, tokens: int, act_bytes: int, *, checkpointing: bool) -> dict[str, int]:
         width = (shape.num_heads + shape.num_kv_heads) * shape.head_dim
         layers = len(select_layers(self.layers, shape.num_layers))
+        if checkpointing:
+            return _recomputed_teacher(shape, tokens, act_bytes, layers, width)
         return {"teacher Q/K (attention, distilled layers)": tokens * act_bytes * layers * width}
 
     def start(self, ts: TeacherStudent, batch: Batch) -> Step:
@@ -246,7 +250,7 @@ class _PerLayerStep(Step):
         layer_reduction: str,
     ):
         self.layers = layers
-        self.chosen = frozenset(layers)
+        self.chosen = self.attention_layers = frozenset(layers)
         self.num_layers = num_layers
         self.keep = keep
         self.layer_kl = layer_kl
@@ -262,11 +266,18 @@ class _PerLayerStep(Step):
 
     def on_student_attention(self, layer: int, inputs: AttentionInputs) -> None:
         if layer in self.chosen:
-            kl = self.layer_kl(inputs, self.teacher[layer])
-            # Gradient checkpointing recomputes the layer in backward and calls this again; that second
-            # value only regenerates the tensors the first one saved. Keeping it instead would keep every
-            # recomputed graph alive until backward ends, and adding it would count the layer twice.
-            self.per_layer.setdefault(layer, kl)
+            self._score(layer, inputs, self.teacher[layer])
+
+    def on_attention_pair(self, layer: int, teacher: AttentionInputs, student: AttentionInputs) -> None:
+        if layer in self.chosen:
+            self._score(layer, student, self.keep(teacher))
+
+    def _score(self, layer: int, student: AttentionInputs, kept: Any) -> None:
+        kl = self.layer_kl(student, kept)
+        # Gradient checkpointing recomputes the layer in backward and calls this again; that second
+        # value only regenerates the tensors the first one saved. Keeping it instead would keep every
+        # recomputed graph alive until backward ends, and adding it would count the layer twice.
+        self.per_layer.setdefault(layer, kl)
 
     def finish(self, teacher: HiddenStates, student: HiddenStates) -> tuple[torch.Tensor, Metrics]:
         missing = [i for i in self.layers if i not in self.per_layer]
@@ -285,6 +296,15 @@ class _PerLayerStep(Step):
             metrics[group] = per_layer.detach()[start:start + len(members)].mean()
             start += len(members)
         return loss, metrics
+
+
+def _recomputed_teacher(shape: Any, tokens: int, act_bytes: int, layers: int, width: int) -> dict[str, int]:
+    """What the teacher keeps when its attention inputs are recomputed in the student's layers: each
+    distilled layer's attention input, and one layer's Q/K/V at a time, with their joined copy."""
+    return {
+        "teacher attention inputs (distilled layers)": tokens * act_bytes * layers * shape.hidden_size,
+        "teacher Q/K/V of one layer": 2 * tokens * act_bytes * width,
+    }
 
 
 def _head_groups(xs: Sequence[torch.Tensor]) -> list[list[int]]:

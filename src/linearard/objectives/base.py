@@ -54,8 +54,10 @@ class Step:
     """
 
     needs_teacher: bool = True
-    # Whether the attention hooks must be called (installing the capture costs a little on its own).
+    # Whether the attention hooks must be called (installing the capture costs a little on its own),
+    # and of which layers.
     captures_attention: bool = False
+    attention_layers: frozenset[int] = frozenset()
     teacher_hidden: frozenset[int] = frozenset()
     student_hidden: frozenset[int] = frozenset()
 
@@ -65,6 +67,15 @@ class Step:
     def on_student_attention(self, layer: int, inputs: AttentionInputs) -> None:
         """Called inside each attention call of the student forward, and again for a layer whose
         forward gradient checkpointing recomputes during backward."""
+
+    def on_attention_pair(self, layer: int, teacher: AttentionInputs, student: AttentionInputs) -> None:
+        """Called instead of the two hooks above when the pair recomputes the teacher's attention inputs
+        (`TeacherStudent.recompute_teacher`): inside the student's attention call of `layer`, with the
+        teacher's inputs of that layer. This default hands them to the two hooks; a step that keeps
+        the teacher's inputs there should use them here instead and keep nothing past the call, which is
+        what saves the memory."""
+        self.on_teacher_attention(layer, teacher)
+        self.on_student_attention(layer, student)
 
     def finish(self, teacher: HiddenStates, student: HiddenStates) -> tuple[torch.Tensor, Metrics]:
         """The scalar loss and detached 0-d metric tensors, once both forwards have returned."""
@@ -87,9 +98,10 @@ class Objective:
         """What its steps read of the two forwards on a model of `num_layers` decoder layers."""
         raise NotImplementedError
 
-    def memory(self, shape: Any, tokens: int, act_bytes: int) -> dict[str, int]:
+    def memory(self, shape: Any, tokens: int, act_bytes: int, *, checkpointing: bool) -> dict[str, int]:
         """Bytes its step keeps for one micro-batch of `tokens` tokens beyond the student's own
-        activations, by part; `shape` is a `linearard.training.plan.ModelShape`."""
+        activations, by part; `shape` is a `linearard.training.plan.ModelShape`. Under gradient
+        `checkpointing` the teacher's attention inputs are recomputed (`TeacherStudent.recompute_teacher`)."""
         return {}
 
     def __call__(self, ts: TeacherStudent, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -109,16 +121,38 @@ def run_steps(
     input_ids = batch["input_ids"]
     mask = None if batch.get("padded_right") else attention_mask(batch)
     teacher: HiddenStates = {}
+    capturing = [s for s in steps if s.captures_attention]
+    student_hooks = [s.on_student_attention for s in capturing]
     if any(s.needs_teacher for s in steps):
         wanted = frozenset().union(*(s.teacher_hidden for s in steps))
-        hooks = [s.on_teacher_attention for s in steps if s.captures_attention]
-        with torch.no_grad(), ts.teacher(), _capture(ts, hooks):
-            teacher = _forward(ts, input_ids, mask, wanted)
+        if ts.recompute_teacher and capturing:
+            layers = frozenset().union(*(s.attention_layers for s in capturing))
+            with torch.no_grad(), ts.teacher(), ts.record(layers) as calls:
+                teacher = _forward(ts, input_ids, mask, wanted)
+            student_hooks = [_pairs(ts, calls, capturing)]
+        else:
+            with torch.no_grad(), ts.teacher(), _capture(ts, [s.on_teacher_attention for s in capturing]):
+                teacher = _forward(ts, input_ids, mask, wanted)
     wanted = frozenset().union(*(s.student_hidden for s in steps))
-    hooks = [s.on_student_attention for s in steps if s.captures_attention]
-    with ts.student(), _capture(ts, hooks):
+    with ts.student(), _capture(ts, student_hooks):
         student = _forward(ts, input_ids, mask, wanted)
     return [s.finish(teacher, student) for s in steps]
+
+
+def _pairs(ts: TeacherStudent, calls: dict, steps: Sequence[Step]) -> Callable[[int, AttentionInputs], None]:
+    """The student's attention hook when the teacher's inputs are recomputed: each recorded layer's
+    teacher inputs, recomputed from its call, go to every step with the student's."""
+
+    def pair(layer: int, student: AttentionInputs) -> None:
+        if layer in calls:
+            teacher = ts.teacher_attention(layer, calls[layer])
+            for step in steps:
+                step.on_attention_pair(layer, teacher, student)
+        else:
+            for step in steps:
+                step.on_student_attention(layer, student)
+
+    return pair
 
 
 def attention_mask(batch: Batch) -> torch.Tensor:

@@ -10,9 +10,10 @@ The memory estimate is arithmetic on the model's shape, not a measurement. Per p
   attention, no T×T map), or one layer input per layer plus one recomputed layer with it;
 - what the objective's terms keep between the forwards, as its `ObjectiveSpec` counts it: the teacher's
   captured Q/K/V of every distilled layer (relation/attention distillation, kept until the backward
-  pass: checkpointing recomputes the student layers, which need them again), the teacher's hidden
-  states (hidden-state distillation), one chunk of fp32 logits (next-token and logit objectives apply
-  the LM head in chunks).
+  pass), or under gradient checkpointing each distilled layer's attention input, from which the
+  student's layers recompute the teacher's Q/K/V (`TeacherStudent.recompute_teacher`); the teacher's
+  hidden states (hidden-state distillation); one chunk of fp32 logits (next-token and logit objectives
+  apply the LM head in chunks).
 """
 
 from __future__ import annotations
@@ -354,7 +355,8 @@ def _stage_memory(
         activations = tokens * act * (shape.num_layers * shape.hidden_size + per_layer_token)
     else:
         activations = tokens * act * shape.num_layers * per_layer_token
-    return {"activations": activations, **objective.memory(shape, tokens, act)}
+    return {"activations": activations,
+            **objective.memory(shape, tokens, act, checkpointing=config.gradient_checkpointing)}
 
 
 def read_model_meta(spec: str) -> tuple[Any, Any, torch.dtype]:
