@@ -339,7 +339,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(spec):
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-7)
 
 
-def _with_and_without_recomputing(spec: str, family: str):
+@pytest.mark.parametrize(("family", "spec"), [(f, "ard") for f in FAMILIES]
+                         + [("llama", "attention"), ("qwen3", "ard+hidden+logits+cpt")])
+def test_a_teacher_recomputed_in_the_students_checkpointed_layers_gives_the_same_loss_and_gradients(family, spec):
     batch = make_batch()
     results = []
     for recompute in (False, True):
@@ -349,13 +351,7 @@ def _with_and_without_recomputing(spec: str, family: str):
         loss, metrics = build_objective(spec)(ts, batch)
         loss.backward()
         results.append((loss.detach(), metrics, grads(model)))
-    return results
-
-
-@pytest.mark.parametrize(("family", "spec"), [(f, "ard") for f in FAMILIES]
-                         + [("llama", "attention"), ("qwen3", "ard+hidden+logits+cpt")])
-def test_a_teacher_recomputed_in_the_students_checkpointed_layers_gives_the_same_loss_and_gradients(family, spec):
-    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = _with_and_without_recomputing(spec, family)
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
     assert metrics_b == pytest.approx(metrics_a, rel=1e-5, abs=1e-7)
     assert grads_a.keys() == grads_b.keys() and grads_a
@@ -371,7 +367,7 @@ def test_a_recomputed_teacher_keeps_no_q_k_v_past_its_layer_and_checkpointing_ch
     model, ts = make_pair(checkpointing=True, num_hidden_layers=3)
     assert ts.recompute_teacher is True  # the layers checkpoint: recomputed by default
     randomise_lora_b(model)
-    recomputed, original = [], ts.teacher_attention
+    recomputed, refs, original = [], [], ts.teacher_attention
 
     def watched(layer, call):
         inputs = original(layer, call)
@@ -379,7 +375,6 @@ def test_a_recomputed_teacher_keeps_no_q_k_v_past_its_layer_and_checkpointing_ch
         refs.extend(weakref.ref(x) for x in (inputs.query, inputs.key, inputs.value))
         return inputs
 
-    refs = []
     ts.teacher_attention = watched
     loss, _ = RelationDistillation(layers=[0, 2])(ts, make_batch())
     gc.collect()
