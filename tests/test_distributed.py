@@ -161,7 +161,7 @@ CASES = {
     "ard+cpt": {"objective": "ard+cpt", "weights": {"cpt": 0.5}},
     "bf16-reduce": {"reduce_dtype": "bf16"},  # the one process it is compared with reduces nothing
     # the teacher's Q/K/V recomputed inside each checkpointed student layer, FSDP's gathered weights too
-    "checkpointing": {"gradient_checkpointing": True},
+    "recomputed-teacher": {"gradient_checkpointing": True, "recompute_teacher": True},
 }
 CASE_STEPS = 2
 

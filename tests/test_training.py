@@ -259,11 +259,7 @@ def test_memory_estimate_responds_to_the_settings(models, corpus, tmp_path):
 
     base = peak()
     qkv = "teacher Q/K/V (ard, distilled layers)"
-    checkpointed = peak(gradient_checkpointing=True).parts
-    assert checkpointed["activations (restore)"] < base.parts["activations (restore)"]
-    # the teacher keeps each layer's attention input (hidden 64) instead of its Q/K/V (4 + 2 + 2 heads of 16)
-    assert qkv not in checkpointed
-    assert checkpointed["teacher attention inputs (distilled layers)"] * 2 == base.parts[qkv]
+    assert peak(gradient_checkpointing=True).parts["activations (restore)"] < base.parts["activations (restore)"]
     assert peak(strategy="fsdp").parts["frozen weights"] == base.parts["frozen weights"] // 2
     assert peak(layers="0").parts[qkv] * 2 == base.parts[qkv]
     assert peak(relations={"q": 1}).parts[qkv] * 2 == base.parts[qkv]  # 4 query heads, 2 + 2 key/value heads
@@ -272,6 +268,59 @@ def test_memory_estimate_responds_to_the_settings(models, corpus, tmp_path):
     assert both.parts[qkv] == base.parts[qkv] and both.parts["logits chunk (fp32)"] > 0
     assert peak(blocks=2).peak > base.peak
     assert stages[0].tokens == 40960
+
+
+def test_the_teacher_is_recomputed_only_where_keeping_its_q_k_v_would_not_fit_one_block(
+        models, corpus, tmp_path, monkeypatch):
+    from linearard.training import plan
+
+    model = tiny_model("llama", num_hidden_layers=8)
+    shape = ModelShape.of(model, model.config)
+    scaling = RopeScaling("linear", 4.0, 256, 1024)
+    ard = ObjectiveSpec.parse("ard")
+
+    def needs(recompute: bool) -> int:  # one 256-token block, under checkpointing
+        cfg = _config(models, corpus, tmp_path, gradient_checkpointing=True)
+        return plan._fixed_memory(cfg, shape, 1) + sum(
+            plan._stage_memory(cfg, shape, ard, 256, 1, False, recompute).values())
+
+    def stages(budget: int, **kw):
+        monkeypatch.setattr(plan, "_memory_budget", lambda device: budget)
+        cfg = _config(models, corpus, tmp_path, **{"seq_len": 256, "max_tokens": 1 << 16, **kw})
+        return plan.plan_stages(cfg, scaling, shape, world_size=1, device="cpu", bf16=False)
+
+    tight = needs(False) - 1  # the teacher's Q/K/V kept do not fit one block; recomputed they do
+    assert needs(True) <= tight
+    # the teacher keeps each layer's attention input (hidden 64) instead of its Q/K/V (4 + 2 + 2 heads of 16)
+    kept, recomputed = (plan._stage_memory(_config(models, corpus, tmp_path), shape, ard, 256, 1, False, r)
+                        for r in (False, True))
+    inputs = recomputed["teacher attention inputs (distilled layers)"]
+    assert inputs * 2 == kept["teacher Q/K/V (ard, distilled layers)"]
+    assert [s.recompute_teacher for s in stages(tight, gradient_checkpointing=True)] == [True]
+    assert [s.recompute_teacher for s in stages(tight)] == [False]  # without checkpointing it would save nothing
+    monkeypatch.setattr(shape, "num_layers", 2)  # two layers keep no more Q/K/V than recomputing holds
+    assert [s.recompute_teacher for s in stages(1, gradient_checkpointing=True)] == [False]
+    monkeypatch.setattr(shape, "num_layers", 8)
+    assert [s.recompute_teacher for s in stages(1 << 40, gradient_checkpointing=True)] == [False]
+    assert [s.recompute_teacher for s in stages(1 << 40, gradient_checkpointing=True, recompute_teacher=True)] == [True]
+    assert [s.recompute_teacher for s in stages(tight, gradient_checkpointing=True, recompute_teacher=False)] == [False]
+    both = stages(tight, gradient_checkpointing=True, cpt_tokens=1 << 15, cpt_seq_len=256)
+    assert [s.recompute_teacher for s in both] == [True, False]  # next-token training has no teacher
+    with pytest.raises(UserError, match="--recompute-teacher needs --gradient-checkpointing"):
+        _config(models, corpus, tmp_path, recompute_teacher=True).validate()
+
+
+def test_a_run_that_recomputes_the_teacher_trains_as_one_that_keeps_it(models, corpus, tmp_path):
+    logs = {}
+    for recompute in (False, True):
+        lines = []
+        cfg = _config(models, corpus, tmp_path / str(recompute), gradient_checkpointing=True,
+                      recompute_teacher=recompute)
+        restore(cfg, log=lines.append)
+        logs[recompute] = (_losses(cfg.output), "\n".join(lines))
+    assert logs[True][0] == pytest.approx(logs[False][0], rel=1e-5)
+    assert "teacher's Q/K/V recomputed in the student's layers" in logs[True][1]
+    assert "recomputed" not in logs[False][1]
 
 
 def test_each_stage_takes_the_same_tokens_per_step_in_micro_batches_that_fit(models, corpus, tmp_path, monkeypatch):
@@ -292,7 +341,7 @@ def test_each_stage_takes_the_same_tokens_per_step_in_micro_batches_that_fit(mod
     # blocks the memory budget does not fit into one micro-batch are accumulated
     monkeypatch.setattr(plan, "_memory_budget", lambda device: plan._fixed_memory(
         _config(models, corpus, tmp_path), shape, 2) + sum(plan._stage_memory(
-            _config(models, corpus, tmp_path), shape, ObjectiveSpec.parse("ard"), 64, 8, False).values()))
+            _config(models, corpus, tmp_path), shape, ObjectiveSpec.parse("ard"), 64, 8, False, False).values()))
     (limited,) = stages(seq_len=64, tokens_per_step=4096)
     assert (limited.batch_size, limited.grad_accum) == (8, 4)
     (given,) = stages(seq_len=64, tokens_per_step=4096, batch_size=4)

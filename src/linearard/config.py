@@ -186,6 +186,13 @@ class RestoreConfig:
     gradient_checkpointing: bool = _opt(
         False, "recompute each decoder layer in the backward pass (less memory, about a third slower)", "optimization"
     )
+    recompute_teacher: bool | None = _opt(
+        None,
+        "with gradient checkpointing, keep of the teacher forward only each distilled layer's attention input and "
+        "recompute the teacher's Q/K/V in the student's layers (less memory, slower where the host is the limit; "
+        "default: when keeping them would not fit one block)",
+        "optimization",
+    )
     compile: bool | None = _opt(
         None,
         "compile each decoder layer with torch.compile (default: on for CUDA, off on the CPU)",
@@ -274,6 +281,9 @@ class RestoreConfig:
         if self.reduce_dtype != "fp32" and self.strategy == "none":
             raise UserError("--reduce-dtype sets how processes average their gradients: it needs --strategy ddp or "
                             "fsdp under torchrun")
+        if self.recompute_teacher and not self.gradient_checkpointing:
+            raise UserError("--recompute-teacher needs --gradient-checkpointing: without it the student's layers "
+                            "keep the recomputed Q/K/V for backward, and nothing is saved")
         if self.cuda_graphs and self.gradient_checkpointing:
             raise UserError("--cuda-graphs and --gradient-checkpointing do not go together: choose one")
         if self.cuda_graphs and self.strategy == "fsdp":

@@ -14,8 +14,8 @@ back and takes the name out of transformers' registries once no other open pair 
 
 Under gradient checkpointing the pair can keep, of the teacher forward, only what each attention module
 received (its input hidden states, one width per token instead of the Q/K/V widths) and recompute the
-teacher's Q/K/V of a layer inside the student's forward of that layer (`recompute_teacher`): the student
-layer's checkpoint then drops them with the rest of the layer and recomputes them in backward.
+teacher's Q/K/V of a layer inside the student's forward of that layer (``recompute_teacher=True``): the
+student layer's checkpoint then drops them with the rest of the layer and recomputes them in backward.
 """
 
 from __future__ import annotations
@@ -229,8 +229,10 @@ class TeacherStudent:
         model: a transformers causal LM, usually with adapters (`linearard.models.adapters`).
         scaling: the student's RoPE scaling.
         recompute_teacher: keep only the attention modules' inputs of the teacher forward and recompute
-            a layer's teacher Q/K/V when the student reaches it (`record`, `teacher_attention`); by
-            default, when the model's decoder layers checkpoint as the pair is made.
+            a layer's teacher Q/K/V when the student reaches it (`record`, `teacher_attention`). It saves
+            memory only where the decoder layers checkpoint, and costs the host a second pass through each
+            distilled layer's attention module (on one H200, SmolLM2 shape at 4K-token blocks: a third
+            slower); `linearard restore` turns it on where the teacher's Q/K/V would not fit.
 
     Example:
         >>> with TeacherStudent(model, RopeScaling.resolve(model.config, "linear", 4.0)) as ts:  # doctest: +SKIP
@@ -238,14 +240,12 @@ class TeacherStudent:
         ...         model(input_ids)
     """
 
-    def __init__(self, model: nn.Module, scaling: RopeScaling, recompute_teacher: bool | None = None):
+    def __init__(self, model: nn.Module, scaling: RopeScaling, recompute_teacher: bool = False):
         self.model = model
         self.scaling = scaling
         self.decoder = _find_decoder(model)
         self.adapters = AdapterSwitch(model)
         attention = [getattr(layer, "self_attn", None) for layer in self.decoder.layers]
-        if recompute_teacher is None:
-            recompute_teacher = bool(getattr(self.decoder.layers[0], "gradient_checkpointing", False))
         self.recompute_teacher = recompute_teacher and all(a is not None for a in attention)
         self._recorder = _Recorder()
         self._hooks = []

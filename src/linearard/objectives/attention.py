@@ -108,11 +108,11 @@ class RelationDistillation(Objective):
         tensors = frozenset(_TENSOR[r] for r in self.relations)
         return Reads(teacher=True, attention=dict.fromkeys(select_layers(self.layers, num_layers), tensors))
 
-    def memory(self, shape: Any, tokens: int, act_bytes: int, *, checkpointing: bool) -> dict[str, int]:
+    def memory(self, shape: Any, tokens: int, act_bytes: int, *, recompute_teacher: bool) -> dict[str, int]:
         widths = {"q": shape.num_heads, "k": shape.num_kv_heads, "v": shape.num_kv_heads}
         width = sum(widths[r] for r in self.relations) * shape.head_dim
         layers = len(select_layers(self.layers, shape.num_layers))
-        if checkpointing:
+        if recompute_teacher:
             return _recomputed_teacher(shape, tokens, act_bytes, layers, width)
         return {"teacher Q/K/V (ard, distilled layers)": tokens * act_bytes * layers * width}
 
@@ -195,10 +195,10 @@ class AttentionDistillation(Objective):
         tensors = frozenset({"query", "key"})
         return Reads(teacher=True, attention=dict.fromkeys(select_layers(self.layers, num_layers), tensors))
 
-    def memory(self, shape: Any, tokens: int, act_bytes: int, *, checkpointing: bool) -> dict[str, int]:
+    def memory(self, shape: Any, tokens: int, act_bytes: int, *, recompute_teacher: bool) -> dict[str, int]:
         width = (shape.num_heads + shape.num_kv_heads) * shape.head_dim
         layers = len(select_layers(self.layers, shape.num_layers))
-        if checkpointing:
+        if recompute_teacher:
             return _recomputed_teacher(shape, tokens, act_bytes, layers, width)
         return {"teacher Q/K (attention, distilled layers)": tokens * act_bytes * layers * width}
 

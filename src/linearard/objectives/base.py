@@ -98,10 +98,10 @@ class Objective:
         """What its steps read of the two forwards on a model of `num_layers` decoder layers."""
         raise NotImplementedError
 
-    def memory(self, shape: Any, tokens: int, act_bytes: int, *, checkpointing: bool) -> dict[str, int]:
+    def memory(self, shape: Any, tokens: int, act_bytes: int, *, recompute_teacher: bool) -> dict[str, int]:
         """Bytes its step keeps for one micro-batch of `tokens` tokens beyond the student's own
-        activations, by part; `shape` is a `linearard.training.plan.ModelShape`. Under gradient
-        `checkpointing` the teacher's attention inputs are recomputed (`TeacherStudent.recompute_teacher`)."""
+        activations, by part; `shape` is a `linearard.training.plan.ModelShape`; `recompute_teacher` as
+        `TeacherStudent`'s."""
         return {}
 
     def __call__(self, ts: TeacherStudent, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:

@@ -66,7 +66,7 @@ class HiddenDistillation(Objective):
 
         return Reads(teacher=True, hidden=frozenset(i + 1 for i in self.chosen(num_layers)))
 
-    def memory(self, shape: Any, tokens: int, act_bytes: int, *, checkpointing: bool) -> dict[str, int]:
+    def memory(self, shape: Any, tokens: int, act_bytes: int, *, recompute_teacher: bool) -> dict[str, int]:
         layers = len(self.chosen(shape.num_layers))
         return {"teacher hidden states (hidden)": tokens * act_bytes * layers * shape.hidden_size}
 

@@ -39,7 +39,7 @@ class _LanguageObjective(Objective):
 
         return Reads(teacher=self.needs_teacher, hidden=frozenset({num_layers}), logits=True)
 
-    def memory(self, shape: Any, tokens: int, act_bytes: int, *, checkpointing: bool) -> dict[str, int]:
+    def memory(self, shape: Any, tokens: int, act_bytes: int, *, recompute_teacher: bool) -> dict[str, int]:
         # a chunk's fp32 logits, their log-softmax and its gradient
         return {"logits chunk (fp32)": 3 * min(self.chunk_size, tokens) * shape.vocab_size * 4}
 

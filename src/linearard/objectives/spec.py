@@ -243,12 +243,12 @@ class ObjectiveSpec:
         """Whether the trainable parameter named `parameter` can get a gradient (see `Reads.reaches`)."""
         return self.reads(num_layers).reaches(parameter, num_layers)
 
-    def memory(self, shape: Any, tokens: int, act_bytes: int, *, checkpointing: bool) -> dict[str, int]:
+    def memory(self, shape: Any, tokens: int, act_bytes: int, *, recompute_teacher: bool) -> dict[str, int]:
         """Bytes one micro-batch of `tokens` tokens keeps for the active terms, by part (a part named
         alike by several terms counts once, at its largest). `shape` is a `linearard.training.plan.ModelShape`."""
         parts: dict[str, int] = {}
         for t in self.active:
-            for key, size in t.build().memory(shape, tokens, act_bytes, checkpointing=checkpointing).items():
+            for key, size in t.build().memory(shape, tokens, act_bytes, recompute_teacher=recompute_teacher).items():
                 parts[key] = max(parts.get(key, 0), size)
         return parts
 

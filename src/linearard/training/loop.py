@@ -286,16 +286,16 @@ class _Run:
         if config.gradient_checkpointing:
             enable_activation_checkpointing(model)
         self.model = model
-        self.ts = TeacherStudent(model, self.scaling)
-        if config.compiles(ctx.device.type):
-            compile_layers(self.ts)
         self.files = training_files(config.data)
         if config.data:
             check_text_encoding(self.files)
-        shape = ModelShape.of(model, self.ts.config)
+        shape = ModelShape.of(model, model.config)
         self.stages = plan_stages(
             config, self.scaling, shape, world_size=ctx.world_size, device=str(ctx.device), bf16=self.bf16
         )
+        self.ts = TeacherStudent(model, self.scaling, recompute_teacher=any(s.recompute_teacher for s in self.stages))
+        if config.compiles(ctx.device.type):
+            compile_layers(self.ts)
         self.plan = Plan(
             config=config,
             model=shape,

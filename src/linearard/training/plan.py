@@ -10,14 +10,15 @@ The memory estimate is arithmetic on the model's shape, not a measurement. Per p
   attention, no T×T map), or one layer input per layer plus one recomputed layer with it;
 - what the objective's terms keep between the forwards, as its `ObjectiveSpec` counts it: the teacher's
   captured Q/K/V of every distilled layer (relation/attention distillation, kept until the backward
-  pass), or under gradient checkpointing each distilled layer's attention input, from which the
-  student's layers recompute the teacher's Q/K/V (`TeacherStudent.recompute_teacher`); the teacher's
+  pass), or, where the plan recomputes them (under gradient checkpointing, when keeping them would not
+  fit one block, or `--recompute-teacher`), each distilled layer's attention input; the teacher's
   hidden states (hidden-state distillation); one chunk of fp32 logits (next-token and logit objectives
   apply the LM head in chunks).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -48,6 +49,8 @@ class Stage:
     tokens_per_step: int
     batch_size: int  # blocks per micro-batch on each process
     grad_accum: int  # micro-batches per optimizer step
+    # the teacher's Q/K/V recomputed in the student's checkpointed layers (`TeacherStudent`)
+    recompute_teacher: bool = False
 
     @property
     def tokens(self) -> int:
@@ -173,6 +176,7 @@ class Plan:
                 f"{st.tokens_per_step} tokens = {_count(st.tokens)} tokens "
                 f"({st.batch_size} block(s) per micro-batch x {st.grad_accum} per step"
                 + (f" x {self.world_size} processes)" if self.world_size > 1 else ")")
+                + (", teacher's Q/K/V recomputed in the student's layers" if st.recompute_teacher else "")
             )
         budget = f"  tokens     {_count(self.total_tokens)} in all (budget {_count(c.max_tokens)})"
         if self.corpus_tokens:
@@ -232,15 +236,36 @@ def plan_stages(
         lengths.append(("cpt", ObjectiveSpec.single("cpt"), cpt_len, config.cpt_tokens))
     stages = []
     for name, objective, seq_len, budget in lengths:
-        def fits(batch: int, objective: ObjectiveSpec = objective, seq_len: int = seq_len) -> bool:
+        def fits(batch: int, recompute: bool, objective: ObjectiveSpec = objective, seq_len: int = seq_len) -> bool:
             if shape is None:
                 return True
-            parts = _stage_memory(config, shape, objective, seq_len, batch, bf16)
+            parts = _stage_memory(config, shape, objective, seq_len, batch, bf16, recompute)
             return _fixed_memory(config, shape, world_size) + sum(parts.values()) <= _memory_budget(device)
 
-        batch, accum = _micro_batches(config, step_tokens, seq_len, world_size, fits)
-        stages.append(_stage(name, objective, seq_len, budget, batch, accum, world_size))
+        recompute = _recomputes_teacher(config, shape, objective, seq_len, bf16, fits)
+        batch, accum = _micro_batches(
+            config, step_tokens, seq_len, world_size, functools.partial(fits, recompute=recompute)
+        )
+        stages.append(_stage(name, objective, seq_len, budget, batch, accum, world_size, recompute))
     return stages
+
+
+def _recomputes_teacher(
+    config: RestoreConfig, shape: ModelShape | None, objective: ObjectiveSpec, seq_len: int, bf16: bool, fits: Any
+) -> bool:
+    """Whether a stage's student layers recompute the teacher's Q/K/V (`TeacherStudent`): as
+    --recompute-teacher says, or by default under gradient checkpointing where keeping them would not fit
+    one block and recomputing needs less (a shallow model keeps little more than one layer's worth either
+    way). Recomputing costs host time, so it is not the default where they fit."""
+    if shape is None or not objective.reads(shape.num_layers).attention:
+        return False
+    if config.recompute_teacher is not None:
+        return config.recompute_teacher
+    if not config.gradient_checkpointing or fits(1, False):
+        return False
+    kept, recomputed = (sum(_stage_memory(config, shape, objective, seq_len, 1, bf16, r).values())
+                        for r in (False, True))
+    return recomputed < kept
 
 
 def tokens_per_step(config: RestoreConfig, world_size: int, device: str) -> int:
@@ -293,7 +318,14 @@ def _memory_budget(device: str) -> int:
 
 
 def _stage(
-    name: str, objective: ObjectiveSpec, seq_len: int, budget: int, batch: int, accum: int, world_size: int
+    name: str,
+    objective: ObjectiveSpec,
+    seq_len: int,
+    budget: int,
+    batch: int,
+    accum: int,
+    world_size: int,
+    recompute_teacher: bool,
 ) -> Stage:
     per_step = seq_len * batch * accum * world_size
     steps = budget // per_step
@@ -302,7 +334,7 @@ def _stage(
             f"the {name} stage's budget of {budget} tokens is less than one optimizer step of {per_step} tokens "
             f"({batch} x {accum} blocks of {seq_len} x {world_size} process(es)); lower --tokens-per-step"
         )
-    return Stage(name, objective, seq_len, steps, per_step, batch, accum)
+    return Stage(name, objective, seq_len, steps, per_step, batch, accum, recompute_teacher)
 
 
 def _check_length(flag: str, length: int, scaling: RopeScaling) -> None:
@@ -319,7 +351,9 @@ def estimate_memory(
     parts = _fixed_parts(config, shape, world_size)
     worst: dict[str, int] = {}
     for stage in stages:
-        stage_parts = _stage_memory(config, shape, stage.objective, stage.seq_len, stage.batch_size, bf16)
+        stage_parts = _stage_memory(
+            config, shape, stage.objective, stage.seq_len, stage.batch_size, bf16, stage.recompute_teacher
+        )
         stage_parts = {(f"{k} ({stage.name})" if k == "activations" else k): v for k, v in stage_parts.items()}
         if sum(stage_parts.values()) > sum(worst.values()):
             worst = stage_parts
@@ -343,7 +377,13 @@ def _fixed_memory(config: RestoreConfig, shape: ModelShape, world_size: int) -> 
 
 
 def _stage_memory(
-    config: RestoreConfig, shape: ModelShape, objective: ObjectiveSpec, seq_len: int, batch: int, bf16: bool
+    config: RestoreConfig,
+    shape: ModelShape,
+    objective: ObjectiveSpec,
+    seq_len: int,
+    batch: int,
+    bf16: bool,
+    recompute_teacher: bool,
 ) -> dict[str, int]:
     """Bytes of one micro-batch of `batch` blocks of `seq_len` tokens, by part."""
     act = 2 if bf16 else 4
@@ -356,7 +396,7 @@ def _stage_memory(
     else:
         activations = tokens * act * shape.num_layers * per_layer_token
     return {"activations": activations,
-            **objective.memory(shape, tokens, act, checkpointing=config.gradient_checkpointing)}
+            **objective.memory(shape, tokens, act, recompute_teacher=recompute_teacher)}
 
 
 def read_model_meta(spec: str) -> tuple[Any, Any, torch.dtype]:
