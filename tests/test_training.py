@@ -310,17 +310,27 @@ def test_the_teacher_is_recomputed_only_where_keeping_its_q_k_v_would_not_fit_on
         _config(models, corpus, tmp_path, recompute_teacher=True).validate()
 
 
-def test_a_run_that_recomputes_the_teacher_trains_as_one_that_keeps_it(models, corpus, tmp_path):
+def test_a_run_that_recomputes_the_teacher_trains_as_one_that_keeps_it(models, corpus, tmp_path, monkeypatch):
+    from linearard.models.teacher_student import TeacherStudent
+
+    recomputed, original = [], TeacherStudent.teacher_attention
+
+    def counted(self, layer, call):
+        recomputed.append(layer)
+        return original(self, layer, call)
+
+    monkeypatch.setattr(TeacherStudent, "teacher_attention", counted)
     logs = {}
     for recompute in (False, True):
         lines = []
         cfg = _config(models, corpus, tmp_path / str(recompute), gradient_checkpointing=True,
                       recompute_teacher=recompute)
         restore(cfg, log=lines.append)
-        logs[recompute] = (_losses(cfg.output), "\n".join(lines))
+        logs[recompute] = (_losses(cfg.output), "\n".join(lines), len(recomputed))
     assert logs[True][0] == pytest.approx(logs[False][0], rel=1e-5)
     assert "teacher's Q/K/V recomputed in the student's layers" in logs[True][1]
     assert "recomputed" not in logs[False][1]
+    assert logs[False][2] == 0 and logs[True][2] > 0  # the run did what its plan says
 
 
 def test_each_stage_takes_the_same_tokens_per_step_in_micro_batches_that_fit(models, corpus, tmp_path, monkeypatch):
