@@ -247,9 +247,9 @@ class TeacherStudent:
         self.adapters = AdapterSwitch(model)
         attention = [getattr(layer, "self_attn", None) for layer in self.decoder.layers]
         self.recompute_teacher = recompute_teacher and all(a is not None for a in attention)
-        self._recorder = _Recorder()
         self._hooks = []
         if self.recompute_teacher:
+            self._recorder = _Recorder()
             self._attention = attention
             self._layer_adapters = [AdapterSwitch(a) for a in attention]
             self._hooks = [a.register_forward_pre_hook(self._recorder.hook, with_kwargs=True) for a in attention]

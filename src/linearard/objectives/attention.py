@@ -250,7 +250,7 @@ class _PerLayerStep(Step):
         layer_reduction: str,
     ):
         self.layers = layers
-        self.chosen = self.attention_layers = frozenset(layers)
+        self.attention_layers = frozenset(layers)
         self.num_layers = num_layers
         self.keep = keep
         self.layer_kl = layer_kl
@@ -261,15 +261,15 @@ class _PerLayerStep(Step):
         self.per_layer: dict[int, torch.Tensor] = {}
 
     def on_teacher_attention(self, layer: int, inputs: AttentionInputs) -> None:
-        if layer in self.chosen:
+        if layer in self.attention_layers:
             self.teacher[layer] = self.keep(inputs)
 
     def on_student_attention(self, layer: int, inputs: AttentionInputs) -> None:
-        if layer in self.chosen:
+        if layer in self.attention_layers:
             self._score(layer, inputs, self.teacher[layer])
 
     def on_attention_pair(self, layer: int, teacher: AttentionInputs, student: AttentionInputs) -> None:
-        if layer in self.chosen:
+        if layer in self.attention_layers:
             self._score(layer, student, self.keep(teacher))
 
     def _score(self, layer: int, student: AttentionInputs, kept: Any) -> None:
