@@ -220,6 +220,60 @@ def check_self_relation(impl: str, dtype: torch.dtype, device: str = "cpu") -> N
     assert err <= 2 * base + tiny * (1 + ref.abs().max().item()), f"{impl} {dtype}: {err:.3g} vs plain {base:.3g}"
 
 
+def _joined_inputs(dtype: torch.dtype, device: str, heads: tuple[int, ...], length: int, dims: tuple[int, int]):
+    """Student and teacher parts with `heads` heads each, laid out as a model holds them: even parts
+    contiguous [B, H, T, D], odd ones a projection's [B, T, H, D] output seen through a transpose."""
+    gen = torch.Generator().manual_seed(1)
+    batch = 2
+
+    def draw(h: int, dim: int, transposed: bool) -> torch.Tensor:
+        if transposed:
+            x = torch.randn(batch, length, h, dim, generator=gen).transpose(1, 2)
+        else:
+            x = torch.randn(batch, h, length, dim, generator=gen)
+        return (1.5 * x).to(device=device, dtype=dtype)
+
+    parts_s = [draw(h, dims[0], i % 2 == 1) for i, h in enumerate(heads)]
+    parts_t = [draw(h, dims[1], i % 2 == 0) for i, h in enumerate(heads)]
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[1, :5] = False
+    return parts_s, parts_t, mask.to(device)
+
+
+def check_joined_relation(
+    impl: str, dtype: torch.dtype, device: str = "cpu", heads=(3, 1, 2), length=45, dims=(32, 16)
+) -> None:
+    """relation_kl over several tensors: the relation of their joined heads, each tensor getting its
+    own heads' gradient, within 2× plain PyTorch's error against float64; a part that needs no
+    gradient gets none."""
+    parts_s, parts_t, mask = _joined_inputs(dtype, device, heads, length, dims)
+    weights = torch.randn(2, sum(heads), length, generator=torch.Generator().manual_seed(2)).double().to(device)
+
+    def run(fn, parts_s, parts_t):
+        xs = [x.detach().requires_grad_(i != 1) for i, x in enumerate(parts_s)]
+        out = fn(xs, parts_t)
+        (out.double() * weights).sum().backward()
+        return [out.detach()] + [x.grad for x in xs if x.requires_grad], [x.grad for x in xs if not x.requires_grad]
+
+    def joined_naive(xs, ts, dt=None):
+        x, t = torch.cat(xs, 1), torch.cat(ts, 1)
+        return attention_kl_naive(x, x, t, t, mask, True, x.shape[-1] ** -0.5, t.shape[-1] ** -0.5, dt)
+
+    ref, _ = run(joined_naive, [x.double() for x in parts_s], [t.double() for t in parts_t])
+    plain, _ = run(lambda xs, ts: joined_naive(xs, ts, dtype), parts_s, parts_t)
+    got, untrained = run(
+        lambda xs, ts: relation_kl(xs, ts, attention_mask=mask, reduction="none", impl=impl), parts_s, parts_t
+    )
+    assert all(grad is None for grad in untrained)
+    assert got[0].shape == (2, sum(heads), length)
+    tiny = 1e-6 if dtype == torch.float32 else 1e-5
+    for i, (g, p, r) in enumerate(zip(got, plain, ref)):
+        assert torch.isfinite(g).all()
+        err, base = max_error(g, r), max_error(p, r)
+        bound = 2 * base + tiny * (1 + r.abs().max().item())
+        assert err <= bound, f"{impl} {dtype} output {i}: error {err:.3g} > {bound:.3g} (plain {base:.3g})"
+
+
 def _student_and_teacher(impl: str, device: str = "cpu"):
     """A function like one layer of the training objective: projections, then two relation terms."""
     batch, length, width, heads, kv_heads, dim = 2, 13, 16, 4, 2, 8

@@ -8,6 +8,7 @@ from relation_kl_cases import (
     check_compiled,
     check_deterministic,
     check_flash_rule,
+    check_joined_relation,
     check_nan_propagation,
     check_reductions,
     check_self_relation,
@@ -63,6 +64,16 @@ def test_auto_uses_triton_on_cuda():
 
 def test_self_relation():
     check_self_relation("triton", torch.bfloat16, "cuda")
+
+
+# SmolLM2's Q/K/V (9, 3, 3 heads of 64), a Llama-2-7B-like layer (narrowed), and a part of one head.
+@pytest.mark.parametrize(
+    ("heads", "length", "dims"),
+    [((9, 3, 3), 1000, (64, 64)), ((8, 8, 8), 777, (128, 128)), ((3, 1), 300, (64, 128))],
+    ids=str,
+)
+def test_joined_relation(heads, length, dims):
+    check_joined_relation("triton", torch.bfloat16, "cuda", heads=heads, length=length, dims=dims)
 
 
 def test_compiled_with_inductor_matches_eager():

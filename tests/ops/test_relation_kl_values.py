@@ -7,6 +7,7 @@ from relation_kl_cases import (
     Case,
     check_deterministic,
     check_flash_rule,
+    check_joined_relation,
     check_nan_propagation,
     check_reductions,
     check_self_relation,
@@ -96,6 +97,23 @@ def test_masked_rows_get_zero_gradient_with_integer_mask():
 @pytest.mark.parametrize("impl", ["naive", "torch"])
 def test_self_relation(impl):
     check_self_relation(impl, torch.bfloat16)
+
+
+@pytest.mark.parametrize("heads", [(3,), (3, 1), (3, 1, 2), (2, 1, 1, 3)], ids=str)
+def test_joined_relation(heads):
+    check_joined_relation("torch", torch.bfloat16, heads=heads)
+
+
+def test_joined_relation_refuses_mismatched_parts():
+    x = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match=r"x_s has 2 tensors but x_t has 1"):
+        relation_kl([x, x], [x])
+    with pytest.raises(ValueError, match=r"x_s\[1\] has shape \(1, 2, 8, 5\)"):
+        relation_kl([x, torch.randn(1, 2, 8, 5)], [x, x])
+    with pytest.raises(ValueError, match=r"x_t\[1\] has 3 heads, x_s\[1\] has 2"):
+        relation_kl([x, x], [x, torch.randn(1, 3, 8, 4)])
+    with pytest.raises(TypeError, match="x_s must be a torch.Tensor or a non-empty sequence"):
+        relation_kl([], [])
 
 
 def test_docstring_examples_run():

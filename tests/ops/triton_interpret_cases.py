@@ -19,6 +19,7 @@ from relation_kl_cases import (
     Case,
     check_deterministic,
     check_flash_rule,
+    check_joined_relation,
     check_nan_propagation,
     check_reductions,
     check_self_relation,
@@ -87,6 +88,12 @@ def test_self_relation():
     check_self_relation("triton", torch.float16)
 
 
+@pytest.mark.parametrize("heads", [(3,), (3, 1), (3, 1, 2), (2, 1, 1, 3)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_joined_relation(heads, dtype):
+    check_joined_relation("triton", dtype, heads=heads)
+
+
 def test_output_can_be_modified_in_place():
     q_s, k_s, q_t, k_t, mask = INTERPRETER_CASES[1].inputs(torch.float32)
     q_s.requires_grad_(True)
@@ -118,13 +125,29 @@ def test_opcheck(needs):
     torch.library.opcheck(triton_backward, (grad, lse_s, lse_t, q_s.detach(), k_s, q_t, k_t, mask, *settings, *needs))
 
 
+@pytest.mark.parametrize("needs", [(True, False, True), (False, False, False)], ids=str)
+def test_opcheck_joined_relation(needs):
+    from linearard.ops.triton_kernels import triton_relation_backward, triton_relation_forward
+
+    q_s, k_s, q_t, k_t, mask = INTERPRETER_CASES[2].inputs(torch.float32)
+    parts = (q_s.detach().requires_grad_(True), None, k_s)
+    teacher = (q_t, None, k_t.expand(-1, k_s.shape[1], -1, -1))  # each part: the student's heads
+    settings = (True, 0.3, 0.2)
+    torch.library.opcheck(triton_relation_forward, (*parts, *teacher, mask, *settings))
+    kl, lse_s, lse_t = triton_relation_forward(q_s, None, k_s, *teacher, mask, *settings)
+    grad = torch.randn_like(kl)
+    args = (grad, lse_s, lse_t, q_s, None, k_s, *teacher, mask, *settings, *needs)
+    torch.library.opcheck(triton_relation_backward, args)
+
+
 def test_compiled_without_graph_breaks_matches_eager():
     q_s, k_s, q_t, k_t, mask = INTERPRETER_CASES[1].inputs(torch.float32)
 
     def loss(q_s, k_s, q_t, k_t, mask):
         attention = attention_kl(q_s, k_s, q_t, k_t, attention_mask=mask, impl="triton")
         queries = relation_kl(q_s, q_t, attention_mask=mask, reduction="sum", causal=False, impl="triton")
-        return attention + queries
+        joined = relation_kl([q_s, k_s], [q_t, k_t[:, :1]], attention_mask=mask, reduction="sum", impl="triton")
+        return attention + queries + joined
 
     params = (q_s.requires_grad_(True), k_s.requires_grad_(True))
     expected = loss(q_s, k_s, q_t, k_t, mask)

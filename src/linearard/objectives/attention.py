@@ -123,24 +123,26 @@ class RelationDistillation(Objective):
         rows = mask.bool().sum().clamp(min=1)  # valid (non-pad) rows; stays on the device
 
         def keep(teacher: AttentionInputs) -> tuple[list[torch.Tensor], float]:
-            xs = [getattr(teacher, t).detach() for t in tensors]
-            return _stack_heads(xs, _head_groups(xs)), teacher.scaling
+            return [getattr(teacher, t).detach() for t in tensors], teacher.scaling
 
         def layer_kl(student: AttentionInputs, kept: tuple[list[torch.Tensor], float]) -> torch.Tensor:
-            stacked_t, teacher_scaling = kept
+            xs_t, teacher_scaling = kept
             xs = [getattr(student, t) for t in tensors]
             heads = [x.shape[1] for x in xs]
             # per relation, the heads its KL is averaged over (see the class docstring)
             norm = heads if self.kv_norm == "kv_heads" else [student.query.shape[1]] * len(xs)
-            groups = _head_groups(xs)
             sums: dict[int, torch.Tensor] = {}
-            for x_s, x_t, members in zip(_stack_heads(xs, groups), stacked_t, groups):
+            for members in _head_groups(xs):
+                # A self-relation relates each head only to itself: the relations of a group are one
+                # relation over their joined heads, one kernel launch wide enough to fill the GPU
+                # when the key/value heads are few.
+                parts_s, parts_t = [xs[r] for r in members], [xs_t[r] for r in members]
                 per_head = relation_kl(
-                    x_s,
-                    x_t,
+                    parts_s,
+                    parts_t,
                     attention_mask=mask,
-                    scale_s=_scale(self.scale, x_s, student.scaling),
-                    scale_t=_scale(self.scale, x_t, teacher_scaling),
+                    scale_s=_scale(self.scale, parts_s[0], student.scaling),
+                    scale_t=_scale(self.scale, parts_t[0], teacher_scaling),
                     reduction="none",
                 ).sum(dim=(0, 2))
                 for r, part in zip(members, per_head.split([heads[r] for r in members])):
@@ -300,7 +302,8 @@ class _PerLayerStep(Step):
 
 def _recomputed_teacher(shape: Any, tokens: int, act_bytes: int, layers: int, width: int) -> dict[str, int]:
     """What the teacher keeps when its attention inputs are recomputed in the student's layers: each
-    distilled layer's attention input, and one layer's Q/K/V at a time, with their joined copy."""
+    distilled layer's attention input, and one layer's Q/K/V at a time (twice: a joined copy where the
+    relation-KL implementation joins heads by copying, as off the GPU)."""
     return {
         "teacher attention inputs (distilled layers)": tokens * act_bytes * layers * shape.hidden_size,
         "teacher Q/K/V of one layer": 2 * tokens * act_bytes * width,
@@ -313,16 +316,6 @@ def _head_groups(xs: Sequence[torch.Tensor]) -> list[list[int]]:
     for i, x in enumerate(xs):
         groups.setdefault((x.shape[-1], x.dtype), []).append(i)
     return list(groups.values())
-
-
-def _stack_heads(xs: Sequence[torch.Tensor], groups: list[list[int]]) -> list[torch.Tensor]:
-    """`xs` ([B, H_i, T, D_i]) joined along the heads, one tensor per group of `_head_groups(xs)`.
-
-    A self-relation relates each head only to itself, so the Q/Q, K/K and V/V relations of a layer
-    are one relation over the joined heads: one kernel launch instead of three, and a grid wide enough
-    to fill the GPU when the key/value heads are few.
-    """
-    return [xs[g[0]] if len(g) == 1 else torch.cat([xs[i] for i in g], dim=1) for g in groups]
 
 
 def _check_scale(scale: str | float) -> str | float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -72,8 +73,7 @@ def attention_kl(
     _check_inputs(q_s, k_s, q_t, k_t, attention_mask)
     scale_s = _check_scale("scale_s", scale_s, q_s.shape[-1])
     scale_t = _check_scale("scale_t", scale_t, q_t.shape[-1])
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_reduction(reduction)
     impl = _resolve_impl(impl, q_s, q_t)
     q_t, k_t = q_t.detach(), k_t.detach()
     args = (q_s, k_s, q_t, k_t, attention_mask, bool(causal), scale_s, scale_t)
@@ -86,31 +86,36 @@ def attention_kl(
         from linearard.ops.triton_kernels import attention_kl_triton
 
         per_row = attention_kl_triton(*args)
-    if reduction == "none":
-        return per_row
-    total = per_row.sum()
-    if reduction == "sum":
-        return total
-    batch, heads, length, _ = q_s.shape
-    if attention_mask is None:
-        return total / (batch * length * heads)
-    # Stays on the device: no synchronisation. An all-padding batch gives 0 / 1 = 0.
-    return total / (attention_mask.bool().sum() * heads).clamp(min=1)
+    return _reduce(per_row, reduction, attention_mask)
 
 
-def relation_kl(x_s: Tensor, x_t: Tensor, **kwargs) -> Tensor:
+def relation_kl(
+    x_s: Tensor | Sequence[Tensor],
+    x_t: Tensor | Sequence[Tensor],
+    *,
+    attention_mask: Tensor | None = None,
+    causal: bool = True,
+    scale_s: float | None = None,
+    scale_t: float | None = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+) -> Tensor:
     """KL(teacher ‖ student) between the row-wise softmax of the self-relations x_s x_sᵀ and x_t x_tᵀ.
 
-    The same as ``attention_kl(x_s, x_s, x_t, x_t, **kwargs)``: the relation of a tensor with itself, as
-    used for the Q·Qᵀ, K·Kᵀ and V·Vᵀ relations of a layer. Takes the same keyword arguments.
+    The same as ``attention_kl(x_s, x_s, x_t, x_t, ...)``: the relation of a tensor with itself, as used
+    for the Q·Qᵀ, K·Kᵀ and V·Vᵀ relations of a layer. A self-relation relates each head only to itself,
+    so several tensors' relations are one relation over their joined heads: pass sequences (the Q, K
+    and V of a layer, say) and the result is that of their heads joined in order, in one kernel launch
+    that reads each tensor where it lies (the fused implementation; the others join them first).
 
     Args:
-        x_s: student tensor (queries, keys or values of one layer).
-        x_t: teacher tensor, same B, H and T; its head dim may differ.
-        **kwargs: attention_mask, causal, scale_s, scale_t, reduction, impl (see `attention_kl`).
+        x_s: student tensor, or a sequence of them with the same B, T, head dim and dtype.
+        x_t: teacher tensor(s), one per student tensor with its heads, B and T; the head dim may differ.
+        attention_mask, causal, scale_s, scale_t, reduction, impl: as in `attention_kl`.
 
     Shape:
-        x_s [B, H, T, Ds], x_t [B, H, T, Dt]; returns [B, H, T] for reduction="none", else a scalar.
+        x_s [B, H, T, Ds], x_t [B, H, T, Dt] (or sequences of [B, H_i, T, D]); returns [B, ΣH_i, T] for
+        reduction="none", else a scalar.
 
     Example:
         >>> import torch
@@ -123,13 +128,84 @@ def relation_kl(x_s: Tensor, x_t: Tensor, **kwargs) -> Tensor:
         >>> loss.backward()
         >>> k_s.grad[1, :, :5].abs().max().item()
         0.0
+        >>> q_s, q_t = torch.randn(2, 6, 32, 16), torch.randn(2, 6, 32, 16)
+        >>> relation_kl([q_s, k_s], [q_t, k_t], reduction="none").shape
+        torch.Size([2, 8, 32])
     """
+    parts_s, parts_t = _relation_parts(x_s, x_t)
+    first_s, first_t = parts_s[0], parts_t[0]
+    _check_inputs(first_s, first_s, first_t, first_t, attention_mask)
+    scale_s = _check_scale("scale_s", scale_s, first_s.shape[-1])
+    scale_t = _check_scale("scale_t", scale_t, first_t.shape[-1])
+    _check_reduction(reduction)
+    impl = _resolve_impl(impl, first_s, first_t)
+    parts_t = [x.detach() for x in parts_t]
+    settings = (attention_mask, bool(causal), scale_s, scale_t)
+    if impl == "triton":
+        from linearard.ops.triton_kernels import RELATION_PARTS, relation_kl_triton
+
+        if len(parts_s) > RELATION_PARTS:  # more than the kernels read in place: the last ones are joined
+            parts_s = [*parts_s[: RELATION_PARTS - 1], _joined(parts_s[RELATION_PARTS - 1 :])]
+            parts_t = [*parts_t[: RELATION_PARTS - 1], _joined(parts_t[RELATION_PARTS - 1 :])]
+        per_row = relation_kl_triton(parts_s, parts_t, *settings)
+    else:
+        joined_s, joined_t = _joined(parts_s), _joined(parts_t)
+        run = attention_kl_naive if impl == "naive" else attention_kl_blocked
+        per_row = run(joined_s, joined_s, joined_t, joined_t, *settings)
+    return _reduce(per_row, reduction, attention_mask)
+
+
+def _relation_parts(x_s: Tensor | Sequence[Tensor], x_t: Tensor | Sequence[Tensor]) -> tuple[list, list]:
+    parts = []
     for name, x in (("x_s", x_s), ("x_t", x_t)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, heads, T, head_dim], got shape {tuple(x.shape)}")
-    return attention_kl(x_s, x_s, x_t, x_t, **kwargs)
+        if not isinstance(x, (Tensor, list, tuple)) or (not isinstance(x, Tensor) and not x):
+            raise TypeError(f"{name} must be a torch.Tensor or a non-empty sequence of them, got {type(x).__name__}")
+        xs = [x] if isinstance(x, Tensor) else list(x)
+        for i, part in enumerate(xs):
+            label = name if isinstance(x, Tensor) else f"{name}[{i}]"
+            if not isinstance(part, Tensor):
+                raise TypeError(f"{label} must be a torch.Tensor, got {type(part).__name__}")
+            if part.dim() != 4:
+                raise ValueError(f"{label} must be 4-D [B, heads, T, head_dim], got shape {tuple(part.shape)}")
+        parts.append(xs)
+    parts_s, parts_t = parts
+    if len(parts_s) != len(parts_t):
+        raise ValueError(f"x_s has {len(parts_s)} tensors but x_t has {len(parts_t)}")
+    for name, xs in (("x_s", parts_s), ("x_t", parts_t)):
+        first = xs[0]
+        for i, part in enumerate(xs[1:], start=1):
+            same = (part.shape[0], part.shape[2], part.shape[3], part.dtype, part.device)
+            if same != (first.shape[0], first.shape[2], first.shape[3], first.dtype, first.device):
+                raise ValueError(
+                    f"{name}[{i}] has shape {tuple(part.shape)} ({part.dtype}, {part.device}); it must match "
+                    f"{name}[0] ({tuple(first.shape)}, {first.dtype}, {first.device}) in all but the heads"
+                )
+    for i, (part_s, part_t) in enumerate(zip(parts_s, parts_t)):
+        if part_s.shape[1] != part_t.shape[1]:
+            raise ValueError(f"x_t[{i}] has {part_t.shape[1]} heads, x_s[{i}] has {part_s.shape[1]}")
+    return parts_s, parts_t
+
+
+def _joined(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _reduce(per_row: Tensor, reduction: str, attention_mask: Tensor | None) -> Tensor:
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if reduction == "sum":
+        return total
+    batch, heads, length = per_row.shape
+    if attention_mask is None:
+        return total / (batch * length * heads)
+    # Stays on the device: no synchronisation. An all-padding batch gives 0 / 1 = 0.
+    return total / (attention_mask.bool().sum() * heads).clamp(min=1)
 
 
 def _check_inputs(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, mask: Tensor | None) -> None:

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from linearard.ops.registration import register_relation_kl, skipped_gradient
+from linearard.ops.registration import RELATION, register_relation_kl, skipped_gradient
 
 try:
     import triton
@@ -36,6 +36,8 @@ except ImportError:
     tl = None
 
 LOG2E = 1.4426950408889634
+# Tensors whose self-relations one launch reads in place, their heads joined (`relation_kl_triton`).
+RELATION_PARTS = 3
 
 
 def _jit(fn):
@@ -104,6 +106,47 @@ def _load_rows(base, idx, stride, d, T, D: tl.constexpr, BD: tl.constexpr, CHECK
 
 
 @_jit
+def _head(
+    X, X1, X2, s_b, s_h, s_t, s1_b, s1_h, s1_t, s2_b, s2_h, s2_t, b, h, H0, H01, PARTS: tl.constexpr,
+):
+    """Start of head h of batch b, and its row stride. With PARTS > 1 the heads are numbered across
+    the tensors X (heads [0, H0)), X1 ([H0, H01)) and X2 ([H01, …)), each with its own strides."""
+    if PARTS == 1:
+        base = X + b * s_b + h * s_h
+        stride = s_t
+    else:
+        zero = (h * 0).to(tl.int32)  # one type for the stride in every branch
+        base = X + b * s_b + h * s_h
+        stride = zero + s_t
+        if h >= H0:
+            base = X1 + b * s1_b + (h - H0) * s1_h
+            stride = zero + s1_t
+        if PARTS == 3:  # noqa: SIM102 (compile-time; run-time conditions cannot join it)
+            if h >= H01:
+                base = X2 + b * s2_b + (h - H01) * s2_h
+                stride = zero + s2_t
+    return base, stride
+
+
+@_jit
+def _key_heads(
+    QS, sqs_t, QT, sqt_t, KS, sks_b, sks_h, sks_t, KT, skt_b, skt_h, skt_t, b, h, GROUP_S, GROUP_T,
+    PARTS: tl.constexpr,
+):
+    """The key heads that query head h reads (student, teacher) and their row strides: its group's,
+    or with joined parts (a self-relation) the query head itself."""
+    if PARTS == 1:
+        KS += b * sks_b + (h // GROUP_S) * sks_h
+        KT += b * skt_b + (h // GROUP_T) * skt_h
+    else:
+        KS = QS
+        sks_t = sqs_t
+        KT = QT
+        skt_t = sqt_t
+    return KS, sks_t, KT, skt_t
+
+
+@_jit
 def _valid_pairs(rows, cols, T, MASK, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EDGE: tl.constexpr):
     """[rows, cols] (or broadcastable) mask of the pairs that enter the softmax, for one tile.
 
@@ -151,12 +194,13 @@ def _fwd_step(
 
 @_jit
 def _fwd_kernel(
-    QS, KS, QT, KT, MASK, KL, LSE_S, LSE_T,
+    QS, KS, QT, KT, QS1, QS2, QT1, QT2, MASK,
     sqs_b, sqs_h, sqs_t, sks_b, sks_h, sks_t, sqt_b, sqt_h, sqt_t, skt_b, skt_h, skt_t,
-    T, HQ, GROUP_S, GROUP_T, c_s, c_t,
+    s1_b, s1_h, s1_t, s2_b, s2_h, s2_t, t1_b, t1_h, t1_t, t2_b, t2_h, t2_t, H0, H01,
+    KL, LSE_S, LSE_T, T, HQ, GROUP_S, GROUP_T, c_s, c_t,
     DS: tl.constexpr, DT: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PARTS: tl.constexpr,
 ):
     # Longest causal rows first, so that the short ones fill in the tail of the launch.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -164,10 +208,12 @@ def _fwd_kernel(
     b = bh // HQ
     h = bh % HQ
     rows = start_m + tl.arange(0, BLOCK_M)
-    qs = _load_rows(QS + b * sqs_b + h * sqs_h, rows, sqs_t, tl.arange(0, BDS), T, DS, BDS, True)
-    qt = _load_rows(QT + b * sqt_b + h * sqt_h, rows, sqt_t, tl.arange(0, BDT), T, DT, BDT, True)
-    KS += b * sks_b + (h // GROUP_S) * sks_h
-    KT += b * skt_b + (h // GROUP_T) * skt_h
+    QS, sqs_t = _head(QS, QS1, QS2, sqs_b, sqs_h, sqs_t, s1_b, s1_h, s1_t, s2_b, s2_h, s2_t, b, h, H0, H01, PARTS)
+    QT, sqt_t = _head(QT, QT1, QT2, sqt_b, sqt_h, sqt_t, t1_b, t1_h, t1_t, t2_b, t2_h, t2_t, b, h, H0, H01, PARTS)
+    qs = _load_rows(QS, rows, sqs_t, tl.arange(0, BDS), T, DS, BDS, True)
+    qt = _load_rows(QT, rows, sqt_t, tl.arange(0, BDT), T, DT, BDT, True)
+    KS, sks_t, KT, skt_t = _key_heads(QS, sqs_t, QT, sqt_t, KS, sks_b, sks_h, sks_t, KT, skt_b, skt_h, skt_t,
+                                      b, h, GROUP_S, GROUP_T, PARTS)
     MASK += b * T
     # A finite start for the running maxima: a row whose first tiles are all padding then keeps
     # l = 0 and rescale factors of 1 instead of exp2(−inf − −inf) = NaN.
@@ -227,12 +273,13 @@ def _dq_step(
 
 @_jit
 def _dq_kernel(
-    QS, KS, QT, KT, MASK, LSE_S, LSE_T, GRAD, DQ,
+    QS, KS, QT, KT, QS1, QS2, QT1, QT2, MASK,
     sqs_b, sqs_h, sqs_t, sks_b, sks_h, sks_t, sqt_b, sqt_h, sqt_t, skt_b, skt_h, skt_t,
-    T, HQ, GROUP_S, GROUP_T, c_s, c_t, scale_s,
+    s1_b, s1_h, s1_t, s2_b, s2_h, s2_t, t1_b, t1_h, t1_t, t2_b, t2_h, t2_t, H0, H01,
+    LSE_S, LSE_T, GRAD, DQ, T, HQ, GROUP_S, GROUP_T, c_s, c_t, scale_s,
     DS: tl.constexpr, DT: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PARTS: tl.constexpr,
 ):
     # Longest causal rows first, so that the short ones fill in the tail of the launch.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -241,10 +288,12 @@ def _dq_kernel(
     h = bh % HQ
     rows = start_m + tl.arange(0, BLOCK_M)
     d_s = tl.arange(0, BDS)
-    qs = _load_rows(QS + b * sqs_b + h * sqs_h, rows, sqs_t, d_s, T, DS, BDS, True)
-    qt = _load_rows(QT + b * sqt_b + h * sqt_h, rows, sqt_t, tl.arange(0, BDT), T, DT, BDT, True)
-    KS += b * sks_b + (h // GROUP_S) * sks_h
-    KT += b * skt_b + (h // GROUP_T) * skt_h
+    QS, sqs_t = _head(QS, QS1, QS2, sqs_b, sqs_h, sqs_t, s1_b, s1_h, s1_t, s2_b, s2_h, s2_t, b, h, H0, H01, PARTS)
+    QT, sqt_t = _head(QT, QT1, QT2, sqt_b, sqt_h, sqt_t, t1_b, t1_h, t1_t, t2_b, t2_h, t2_t, b, h, H0, H01, PARTS)
+    qs = _load_rows(QS, rows, sqs_t, d_s, T, DS, BDS, True)
+    qt = _load_rows(QT, rows, sqt_t, tl.arange(0, BDT), T, DT, BDT, True)
+    KS, sks_t, KT, skt_t = _key_heads(QS, sqs_t, QT, sqt_t, KS, sks_b, sks_h, sks_t, KT, skt_b, skt_h, skt_t,
+                                      b, h, GROUP_S, GROUP_T, PARTS)
     MASK += b * T
     in_range = rows < T
     stats = bh * T + rows
@@ -298,12 +347,13 @@ def _dk_step(
 
 @_jit
 def _dk_kernel(
-    QS, KS, QT, KT, MASK, LSE_S, LSE_T, GRAD, DK,
+    QS, KS, QT, KT, QS1, QS2, QT1, QT2, MASK,
     sqs_b, sqs_h, sqs_t, sks_b, sks_h, sks_t, sqt_b, sqt_h, sqt_t, skt_b, skt_h, skt_t,
-    T, HQ, HKV_S, GROUP_S, GROUP_T, c_s, c_t, scale_s,
+    s1_b, s1_h, s1_t, s2_b, s2_h, s2_t, t1_b, t1_h, t1_t, t2_b, t2_h, t2_t, H0, H01,
+    LSE_S, LSE_T, GRAD, DK, T, HQ, HKV_S, GROUP_S, GROUP_T, c_s, c_t, scale_s,
     DS: tl.constexpr, DT: tl.constexpr, BDS: tl.constexpr, BDT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PARTS: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
@@ -311,21 +361,30 @@ def _dk_kernel(
     hk = bhk % HKV_S
     cols = start_n + tl.arange(0, BLOCK_N)
     d_s = tl.arange(0, BDS)
-    ks = _load_rows(KS + b * sks_b + hk * sks_h, cols, sks_t, d_s, T, DS, BDS, True)
+    if PARTS == 1:
+        ks_base = KS + b * sks_b + hk * sks_h
+    else:  # a self-relation over joined parts: key head hk is query head hk
+        ks_base, sks_t = _head(QS, QS1, QS2, sqs_b, sqs_h, sqs_t, s1_b, s1_h, s1_t, s2_b, s2_h, s2_t,
+                               b, hk, H0, H01, PARTS)
+    ks = _load_rows(ks_base, cols, sks_t, d_s, T, DS, BDS, True)
     acc = tl.zeros([BLOCK_N, BDS], tl.float32)
     # This program owns these key columns for every query head of its group: no other program
     # writes them, so the sum needs no atomics and its order is fixed.
     for g in range(0, GROUP_S):
         h = hk * GROUP_S + g
-        kt = _load_rows(KT + b * skt_b + (h // GROUP_T) * skt_h, cols, skt_t, tl.arange(0, BDT), T, DT, BDT, True)
-        qs_base = QS + b * sqs_b + h * sqs_h
-        qt_base = QT + b * sqt_b + h * sqt_h
+        qs_base, sqs_t_h = _head(QS, QS1, QS2, sqs_b, sqs_h, sqs_t, s1_b, s1_h, s1_t, s2_b, s2_h, s2_t,
+                                 b, h, H0, H01, PARTS)
+        qt_base, sqt_t_h = _head(QT, QT1, QT2, sqt_b, sqt_h, sqt_t, t1_b, t1_h, t1_t, t2_b, t2_h, t2_t,
+                                 b, h, H0, H01, PARTS)
+        _, _, kt_base, skt_t_h = _key_heads(qs_base, sqs_t_h, qt_base, sqt_t_h, KS, sks_b, sks_h, sks_t,
+                                            KT, skt_b, skt_h, skt_t, b, h, GROUP_S, GROUP_T, PARTS)
+        kt = _load_rows(kt_base, cols, skt_t_h, tl.arange(0, BDT), T, DT, BDT, True)
         stats = (b * HQ + h) * T
         if CAUSAL:
             # Rows above the diagonal band see none of these columns; the band needs the causal mask.
             for start_m in range(start_n, start_n + BLOCK_N, BLOCK_M):
                 acc = _dk_step(
-                    ks, kt, qs_base, qt_base, LSE_S + stats, LSE_T + stats, GRAD + stats, sqs_t, sqt_t,
+                    ks, kt, qs_base, qt_base, LSE_S + stats, LSE_T + stats, GRAD + stats, sqs_t_h, sqt_t_h,
                     cols, start_m, T, c_s, c_t, acc, DS, DT, BDS, BDT, BLOCK_M, True, PRECISION,
                 )
             first_free = start_n + BLOCK_N
@@ -333,7 +392,7 @@ def _dk_kernel(
             first_free = 0
         for start_m in range(first_free, T, BLOCK_M):
             acc = _dk_step(
-                ks, kt, qs_base, qt_base, LSE_S + stats, LSE_T + stats, GRAD + stats, sqs_t, sqt_t,
+                ks, kt, qs_base, qt_base, LSE_S + stats, LSE_T + stats, GRAD + stats, sqs_t_h, sqt_t_h,
                 cols, start_m, T, c_s, c_t, acc, DS, DT, BDS, BDT, BLOCK_M, False, PRECISION,
             )
     dk = acc * scale_s
@@ -351,7 +410,11 @@ def _dk_kernel(
 
 
 class _Problem(NamedTuple):
-    """Everything the three kernels share about one call."""
+    """Everything the three kernels share about one call.
+
+    A self-relation may join the heads of up to three tensors without copying them: `q_s` (= `k_s`)
+    and `q_t` (= `k_t`) are then the first parts, `more_s` and `more_t` the others, whose heads follow.
+    """
 
     q_s: Tensor
     k_s: Tensor
@@ -361,12 +424,34 @@ class _Problem(NamedTuple):
     causal: bool
     scale_s: float
     scale_t: float
+    more_s: tuple[Tensor, ...] = ()
+    more_t: tuple[Tensor, ...] = ()
+
+    @property
+    def heads(self) -> int:
+        return self.q_s.shape[1] + sum(x.shape[1] for x in self.more_s)
+
+    @property
+    def key_heads(self) -> int:
+        return self.heads if self.more_s else self.k_s.shape[1]
+
+    @property
+    def groups(self) -> tuple[int, int]:
+        """Query heads per key head, student and teacher (1 for joined parts)."""
+        if self.more_s:
+            return 1, 1
+        return self.heads // self.k_s.shape[1], self.heads // self.k_t.shape[1]
 
     def common_args(self) -> list:
-        strides = []
-        for x in (self.q_s, self.k_s, self.q_t, self.k_t):
-            strides += [x.stride(0), x.stride(1), x.stride(2)]
-        return strides
+        """The kernels' leading arguments: the inputs, their strides and the parts' first heads."""
+        spare = 2 - len(self.more_s)  # slots of missing parts: never read
+        more_s = (*self.more_s, *(self.q_s,) * spare)
+        more_t = (*self.more_t, *(self.q_t,) * spare)
+        tensors = (self.q_s, self.k_s, self.q_t, self.k_t, *more_s, *more_t)
+        strides = [stride for x in tensors for stride in (x.stride(0), x.stride(1), x.stride(2))]
+        first = self.q_s.shape[1]
+        second = first + (self.more_s[0].shape[1] if self.more_s else 0)
+        return [*tensors, self.mask_arg, *strides, first, second]
 
     def constexprs(self) -> dict:
         ds, dt = self.q_s.shape[-1], self.q_t.shape[-1]
@@ -374,6 +459,7 @@ class _Problem(NamedTuple):
             DS=ds, DT=dt, BDS=_block_dim(ds), BDT=_block_dim(dt), CAUSAL=self.causal,
             HAS_MASK=self.mask is not None,
             PRECISION="ieee" if torch.float32 in (self.q_s.dtype, self.q_t.dtype) else "tf32",
+            PARTS=1 + len(self.more_s),
         )
 
     def tiles(self, kind: str) -> Tiles:
@@ -390,17 +476,28 @@ def _block_dim(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))  # tl.dot needs a power of two, at least 16
 
 
+def _unit_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()  # the kernels index the head dim with unit stride
+
+
 def _prepare(q_s, k_s, q_t, k_t, mask, causal, scale_s, scale_t) -> _Problem:
-    # The kernels index the head dim with unit stride; any other layout is fine.
-    q_s, k_s, q_t, k_t = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_s, k_s, q_t, k_t))
+    q_s, k_s, q_t, k_t = (_unit_stride(x) for x in (q_s, k_s, q_t, k_t))
     if mask is not None:
         mask = mask.to(torch.int8).contiguous()
     return _Problem(q_s, k_s, q_t, k_t, mask, causal, scale_s, scale_t)
 
 
+def _prepare_relation(parts_s: list[Tensor], parts_t: list[Tensor], mask, causal, scale_s, scale_t) -> _Problem:
+    first_s, *more_s = (_unit_stride(x) for x in parts_s)
+    first_t, *more_t = (_unit_stride(x) for x in parts_t)
+    p = _prepare(first_s, first_s, first_t, first_t, mask, causal, scale_s, scale_t)
+    return p._replace(more_s=tuple(more_s), more_t=tuple(more_t))
+
+
 def kl_forward(p: _Problem, tiles: Tiles | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the forward kernel. Returns per-row KL and the base-2 log-sum-exps, each [B, Hq, T]."""
-    batch, heads, length, _ = p.q_s.shape
+    batch, _, length, _ = p.q_s.shape
+    heads = p.heads
     tiles = tiles or p.tiles("fwd")
     # Three separate tensors: the outputs of an operator may not be views of one another.
     kl, lse_s, lse_t = (
@@ -408,9 +505,8 @@ def kl_forward(p: _Problem, tiles: Tiles | None = None) -> tuple[Tensor, Tensor,
     )
     grid = (triton.cdiv(length, tiles.block_m), batch * heads)
     _fwd_kernel[grid](
-        p.q_s, p.k_s, p.q_t, p.k_t, p.mask_arg, kl, lse_s, lse_t, *p.common_args(),
-        length, heads, heads // p.k_s.shape[1], heads // p.k_t.shape[1],
-        p.scale_s * LOG2E, p.scale_t * LOG2E,
+        *p.common_args(), kl, lse_s, lse_t,
+        length, heads, *p.groups, p.scale_s * LOG2E, p.scale_t * LOG2E,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **p.constexprs(),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
@@ -418,15 +514,16 @@ def kl_forward(p: _Problem, tiles: Tiles | None = None) -> tuple[Tensor, Tensor,
 
 
 def kl_backward_dq(p: _Problem, lse_s: Tensor, lse_t: Tensor, grad: Tensor, tiles: Tiles | None = None) -> Tensor:
-    """Launch the dQ kernel: the gradient of Σ_rows grad_row · KL_row with respect to q_s."""
-    batch, heads, length, _ = p.q_s.shape
+    """Launch the dQ kernel: the gradient of Σ_rows grad_row · KL_row with respect to q_s (with joined
+    parts, to all their heads: [B, Hq, T, Ds] contiguous)."""
+    batch, _, length, dim = p.q_s.shape
+    heads = p.heads
     tiles = tiles or p.tiles("dq")
-    dq = torch.empty(p.q_s.shape, dtype=p.q_s.dtype, device=p.q_s.device)
+    dq = torch.empty(batch, heads, length, dim, dtype=p.q_s.dtype, device=p.q_s.device)
     grid = (triton.cdiv(length, tiles.block_m), batch * heads)
     _dq_kernel[grid](
-        p.q_s, p.k_s, p.q_t, p.k_t, p.mask_arg, lse_s, lse_t, grad, dq, *p.common_args(),
-        length, heads, heads // p.k_s.shape[1], heads // p.k_t.shape[1],
-        p.scale_s * LOG2E, p.scale_t * LOG2E, p.scale_s,
+        *p.common_args(), lse_s, lse_t, grad, dq,
+        length, heads, *p.groups, p.scale_s * LOG2E, p.scale_t * LOG2E, p.scale_s,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **p.constexprs(),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
@@ -434,16 +531,16 @@ def kl_backward_dq(p: _Problem, lse_s: Tensor, lse_t: Tensor, grad: Tensor, tile
 
 
 def kl_backward_dk(p: _Problem, lse_s: Tensor, lse_t: Tensor, grad: Tensor, tiles: Tiles | None = None) -> Tensor:
-    """Launch the dK kernel: the gradient of Σ_rows grad_row · KL_row with respect to k_s."""
-    batch, heads, length, _ = p.q_s.shape
-    kv_heads = p.k_s.shape[1]
+    """Launch the dK kernel: the gradient of Σ_rows grad_row · KL_row with respect to k_s (with joined
+    parts, to all their heads: [B, Hq, T, Ds] contiguous)."""
+    batch, _, length, dim = p.q_s.shape
+    heads, kv_heads = p.heads, p.key_heads
     tiles = tiles or p.tiles("dk")
-    dk = torch.empty(p.k_s.shape, dtype=p.k_s.dtype, device=p.k_s.device)
+    dk = torch.empty(batch, kv_heads, length, dim, dtype=p.k_s.dtype, device=p.k_s.device)
     grid = (triton.cdiv(length, tiles.block_n), batch * kv_heads)
     _dk_kernel[grid](
-        p.q_s, p.k_s, p.q_t, p.k_t, p.mask_arg, lse_s, lse_t, grad, dk, *p.common_args(),
-        length, heads, kv_heads, heads // kv_heads, heads // p.k_t.shape[1],
-        p.scale_s * LOG2E, p.scale_t * LOG2E, p.scale_s,
+        *p.common_args(), lse_s, lse_t, grad, dk,
+        length, heads, kv_heads, *p.groups, p.scale_s * LOG2E, p.scale_t * LOG2E, p.scale_s,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **p.constexprs(),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
@@ -487,9 +584,71 @@ def _triton_backward(
     return dq, dk
 
 
+def _triton_relation_forward(
+    s0: Tensor,
+    s1: Tensor | None,
+    s2: Tensor | None,
+    t0: Tensor,
+    t1: Tensor | None,
+    t2: Tensor | None,
+    attention_mask: Tensor | None,
+    causal: bool,
+    scale_s: float,
+    scale_t: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row KL of the self-relations of student parts s0..s2 and teacher parts t0..t2 (heads joined
+    in that order; absent parts are None) and the two log-sum-exps, each [B, ΣH, T] float32."""
+    parts_s, parts_t = _present(s0, s1, s2), _present(t0, t1, t2)
+    return kl_forward(_prepare_relation(parts_s, parts_t, attention_mask, causal, scale_s, scale_t))
+
+
+def _triton_relation_backward(
+    grad_kl: Tensor,
+    lse_s: Tensor,
+    lse_t: Tensor,
+    s0: Tensor,
+    s1: Tensor | None,
+    s2: Tensor | None,
+    t0: Tensor,
+    t1: Tensor | None,
+    t2: Tensor | None,
+    attention_mask: Tensor | None,
+    causal: bool,
+    scale_s: float,
+    scale_t: float,
+    need0: bool,
+    need1: bool,
+    need2: bool,
+) -> Tensor:
+    """The gradient of Σ_rows grad_kl · KL_row for the student parts' joined heads, [B, ΣH, T, Ds]
+    (as queries and as keys), or an empty tensor when no part needs one."""
+    if not (need0 or need1 or need2):
+        return skipped_gradient(s0)
+    p = _prepare_relation(_present(s0, s1, s2), _present(t0, t1, t2), attention_mask, causal, scale_s, scale_t)
+    grad = grad_kl.float().contiguous()
+    dx = kl_backward_dq(p, lse_s, lse_t, grad)
+    return dx.add_(kl_backward_dk(p, lse_s, lse_t, grad))
+
+
+def _present(*parts: Tensor | None) -> list[Tensor]:
+    return [x for x in parts if x is not None]
+
+
 triton_forward = torch.library.custom_op("linearard::attention_kl_triton", _triton_forward, mutates_args=())
 triton_backward = torch.library.custom_op("linearard::attention_kl_triton_backward", _triton_backward, mutates_args=())
 _triton_kl = register_relation_kl(triton_forward, triton_backward, eager=(_triton_forward, _triton_backward))
+triton_relation_forward = torch.library.custom_op(
+    "linearard::relation_kl_triton", _triton_relation_forward, mutates_args=()
+)
+triton_relation_backward = torch.library.custom_op(
+    "linearard::relation_kl_triton_backward", _triton_relation_backward, mutates_args=()
+)
+_triton_relation_kl = register_relation_kl(
+    triton_relation_forward,
+    triton_relation_backward,
+    eager=(_triton_relation_forward, _triton_relation_backward),
+    signature=RELATION,
+)
 
 
 def attention_kl_triton(
@@ -508,3 +667,21 @@ def attention_kl_triton(
         returns [B, Hq, T] float32; masked rows are exactly 0.
     """
     return _triton_kl(q_s, k_s, q_t, k_t, attention_mask, causal, scale_s, scale_t)
+
+
+def relation_kl_triton(
+    parts_s: list[Tensor],
+    parts_t: list[Tensor],
+    attention_mask: Tensor | None,
+    causal: bool,
+    scale_s: float,
+    scale_t: float,
+) -> Tensor:
+    """Per-row KL of the self-relations of 1 to 3 parts whose heads are joined, by the fused kernels,
+    which read each part where it lies; arguments as `linearard.ops.relation_kl` (validated).
+
+    Shape:
+        returns [B, ΣH, T] float32; masked rows are exactly 0.
+    """
+    spare = [None] * (RELATION_PARTS - len(parts_s))
+    return _triton_relation_kl(*parts_s, *spare, *parts_t, *spare, attention_mask, causal, scale_s, scale_t)
