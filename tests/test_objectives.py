@@ -380,6 +380,16 @@ def test_a_recomputed_teacher_keeps_no_q_k_v_past_its_layer():
     assert all(p.grad is not None for n, p in model.named_parameters() if "layers.0." in n and "lora_" in n)
 
 
+def test_a_teacher_cannot_be_recomputed_without_attention_modules_and_says_so():
+    model = tiny_model("llama")
+    del model.model.layers[1].self_attn
+    own = model.config._attn_implementation
+    with pytest.raises(UserError, match="recompute_teacher needs each decoder layer's attention module as `self_attn`; "
+                                        "LlamaDecoderLayer has none"):
+        TeacherStudent(model, RopeScaling("linear", 4.0, 64, 256), recompute_teacher=True)
+    assert model.config._attn_implementation == own  # nothing was changed before the refusal
+
+
 # --- combinations -----------------------------------------------------------------------------------
 
 

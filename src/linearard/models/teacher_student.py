@@ -232,7 +232,8 @@ class TeacherStudent:
             a layer's teacher Q/K/V when the student reaches it (`record`, `teacher_attention`). It saves
             memory only where the decoder layers checkpoint, and costs the host a second pass through each
             distilled layer's attention module (on one H200, SmolLM2 shape at 4K-token blocks: a third
-            slower); `linearard restore` turns it on where the teacher's Q/K/V would not fit.
+            slower); `linearard restore` turns it on where the teacher's Q/K/V would not fit. Needs each
+            decoder layer's attention module as ``self_attn``, as every supported family has.
 
     Example:
         >>> with TeacherStudent(model, RopeScaling.resolve(model.config, "linear", 4.0)) as ts:  # doctest: +SKIP
@@ -246,7 +247,11 @@ class TeacherStudent:
         self.decoder = _find_decoder(model)
         self.adapters = AdapterSwitch(model)
         attention = [getattr(layer, "self_attn", None) for layer in self.decoder.layers]
-        self.recompute_teacher = recompute_teacher and all(a is not None for a in attention)
+        if recompute_teacher and None in attention:
+            layer = self.decoder.layers[attention.index(None)]
+            raise UserError(f"recompute_teacher needs each decoder layer's attention module as `self_attn`; "
+                            f"{type(layer).__name__} has none")
+        self.recompute_teacher = recompute_teacher
         self._hooks = []
         if self.recompute_teacher:
             self._recorder = _Recorder()
