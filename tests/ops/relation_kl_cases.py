@@ -241,11 +241,12 @@ def _joined_inputs(dtype: torch.dtype, device: str, heads: tuple[int, ...], leng
 
 
 def check_joined_relation(
-    impl: str, dtype: torch.dtype, device: str = "cpu", heads=(3, 1, 2), length=45, dims=(32, 16)
+    impl: str, dtype: torch.dtype, device: str = "cpu", heads=(3, 1, 2), length=45, dims=(32, 16),
+    teacher_joined: bool = False,
 ) -> None:
     """relation_kl over several tensors: the relation of their joined heads, each tensor getting its
     own heads' gradient, within 2× plain PyTorch's error against float64; a part that needs no
-    gradient gets none."""
+    gradient gets none. With `teacher_joined` the teacher comes as one tensor of all the heads."""
     parts_s, parts_t, mask = _joined_inputs(dtype, device, heads, length, dims)
     weights = torch.randn(2, sum(heads), length, generator=torch.Generator().manual_seed(2)).double().to(device)
 
@@ -261,8 +262,9 @@ def check_joined_relation(
 
     ref, _ = run(joined_naive, [x.double() for x in parts_s], [t.double() for t in parts_t])
     plain, _ = run(lambda xs, ts: joined_naive(xs, ts, dtype), parts_s, parts_t)
+    teacher = torch.cat(parts_t, dim=1) if teacher_joined else parts_t
     got, untrained = run(
-        lambda xs, ts: relation_kl(xs, ts, attention_mask=mask, reduction="none", impl=impl), parts_s, parts_t
+        lambda xs, ts: relation_kl(xs, ts, attention_mask=mask, reduction="none", impl=impl), parts_s, teacher
     )
     assert all(grad is None for grad in untrained)
     assert got[0].shape == (2, sum(heads), length)

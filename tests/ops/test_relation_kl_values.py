@@ -14,6 +14,7 @@ from relation_kl_cases import (
 )
 
 from linearard import attention_kl, relation_kl
+from linearard.ops import relation_operand
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -104,6 +105,18 @@ def test_joined_relation(heads):
     check_joined_relation("torch", torch.bfloat16, heads=heads)
 
 
+@pytest.mark.parametrize("impl", ["naive", "torch"])
+def test_joined_relation_with_the_teacher_joined(impl):
+    check_joined_relation(impl, torch.bfloat16, teacher_joined=True)
+
+
+def test_relation_operand_joins_where_the_implementation_would_copy():
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    joined = relation_operand([q, k])
+    torch.testing.assert_close(joined, torch.cat([q, k], dim=1), rtol=0, atol=0)
+    assert relation_operand([q]) is q
+
+
 def test_joined_relation_refuses_mismatched_parts():
     x = torch.randn(1, 2, 8, 4)
     with pytest.raises(ValueError, match=r"x_s has 2 tensors but x_t has 1"):
@@ -114,6 +127,8 @@ def test_joined_relation_refuses_mismatched_parts():
         relation_kl([x, x], [x, torch.randn(1, 3, 8, 4)])
     with pytest.raises(TypeError, match="x_s must be a torch.Tensor or a non-empty sequence"):
         relation_kl([], [])
+    with pytest.raises(ValueError, match=r"x_t has 3 heads; the 2 tensors of x_s have 4 in all"):
+        relation_kl([x, x], torch.randn(1, 3, 8, 4))
 
 
 def test_docstring_examples_run():

@@ -94,6 +94,19 @@ def test_joined_relation(heads, dtype):
     check_joined_relation("triton", dtype, heads=heads)
 
 
+def test_joined_relation_with_the_teacher_joined():
+    check_joined_relation("triton", torch.float32, teacher_joined=True)
+
+
+def test_relation_operand_keeps_what_the_kernels_read_in_place():
+    from linearard.ops import relation_operand
+
+    xs = [torch.randn(1, h, 8, 16) for h in (4, 2, 2, 1)]
+    kept = relation_operand(xs[:3], impl="triton")
+    assert len(kept) == 3 and all(a is b for a, b in zip(kept, xs))
+    torch.testing.assert_close(relation_operand(xs, impl="triton"), torch.cat(xs, dim=1), rtol=0, atol=0)
+
+
 def test_output_can_be_modified_in_place():
     q_s, k_s, q_t, k_t, mask = INTERPRETER_CASES[1].inputs(torch.float32)
     q_s.requires_grad_(True)

@@ -28,7 +28,7 @@ from linearard.objectives.base import (
     layer_groups,
     select_layers,
 )
-from linearard.ops import attention_kl, relation_kl
+from linearard.ops import attention_kl, relation_kl, relation_operand
 
 if TYPE_CHECKING:
     from linearard.models.teacher_student import AttentionInputs, TeacherStudent
@@ -122,27 +122,29 @@ class RelationDistillation(Objective):
         tensors = tuple(_TENSOR[r] for r in names)
         rows = mask.bool().sum().clamp(min=1)  # valid (non-pad) rows; stays on the device
 
-        def keep(teacher: AttentionInputs) -> tuple[list[torch.Tensor], float]:
-            return [getattr(teacher, t).detach() for t in tensors], teacher.scaling
+        def keep(teacher: AttentionInputs) -> tuple[list, float]:
+            xs = [getattr(teacher, t).detach() for t in tensors]
+            return [relation_operand([xs[r] for r in members]) for members in _head_groups(xs)], teacher.scaling
 
-        def layer_kl(student: AttentionInputs, kept: tuple[list[torch.Tensor], float]) -> torch.Tensor:
-            xs_t, teacher_scaling = kept
+        def layer_kl(student: AttentionInputs, kept: tuple[list, float]) -> torch.Tensor:
+            operands_t, teacher_scaling = kept
             xs = [getattr(student, t) for t in tensors]
             heads = [x.shape[1] for x in xs]
             # per relation, the heads its KL is averaged over (see the class docstring)
             norm = heads if self.kv_norm == "kv_heads" else [student.query.shape[1]] * len(xs)
             sums: dict[int, torch.Tensor] = {}
-            for members in _head_groups(xs):
+            for members, operand_t in zip(_head_groups(xs), operands_t):
                 # A self-relation relates each head only to itself: the relations of a group are one
                 # relation over their joined heads, one kernel launch wide enough to fill the GPU
                 # when the key/value heads are few.
-                parts_s, parts_t = [xs[r] for r in members], [xs_t[r] for r in members]
+                parts_s = [xs[r] for r in members]
+                first_t = operand_t if isinstance(operand_t, torch.Tensor) else operand_t[0]
                 per_head = relation_kl(
                     parts_s,
-                    parts_t,
+                    operand_t,
                     attention_mask=mask,
                     scale_s=_scale(self.scale, parts_s[0], student.scaling),
-                    scale_t=_scale(self.scale, parts_t[0], teacher_scaling),
+                    scale_t=_scale(self.scale, first_t, teacher_scaling),
                     reduction="none",
                 ).sum(dim=(0, 2))
                 for r, part in zip(members, per_head.split([heads[r] for r in members])):

@@ -111,6 +111,8 @@ def relation_kl(
     Args:
         x_s: student tensor, or a sequence of them with the same B, T, head dim and dtype.
         x_t: teacher tensor(s), one per student tensor with its heads, B and T; the head dim may differ.
+            Either side may instead be one tensor with the other side's heads joined in order (as
+            `relation_operand` keeps them).
         attention_mask, causal, scale_s, scale_t, reduction, impl: as in `attention_kl`.
 
     Shape:
@@ -149,7 +151,9 @@ def relation_kl(
             parts_t = [*parts_t[: RELATION_PARTS - 1], _joined(parts_t[RELATION_PARTS - 1 :])]
         per_row = relation_kl_triton(parts_s, parts_t, *settings)
     else:
-        joined_s, joined_t = _joined(parts_s), _joined(parts_t)
+        # a side given joined is used as it is (its parts are views of it)
+        joined_s = x_s if isinstance(x_s, Tensor) else _joined(parts_s)
+        joined_t = x_t.detach() if isinstance(x_t, Tensor) else _joined(parts_t)
         run = attention_kl_naive if impl == "naive" else attention_kl_blocked
         per_row = run(joined_s, joined_s, joined_t, joined_t, *settings)
     return _reduce(per_row, reduction, attention_mask)
@@ -169,6 +173,11 @@ def _relation_parts(x_s: Tensor | Sequence[Tensor], x_t: Tensor | Sequence[Tenso
                 raise ValueError(f"{label} must be 4-D [B, heads, T, head_dim], got shape {tuple(part.shape)}")
         parts.append(xs)
     parts_s, parts_t = parts
+    # One side joined, the other in parts: the joined one is split into views of the parts' heads.
+    if isinstance(x_t, Tensor) and len(parts_s) > 1:
+        parts_t = _split_like(x_t, "x_t", parts_s, "x_s")
+    elif isinstance(x_s, Tensor) and len(parts_t) > 1:
+        parts_s = _split_like(x_s, "x_s", parts_t, "x_t")
     if len(parts_s) != len(parts_t):
         raise ValueError(f"x_s has {len(parts_s)} tensors but x_t has {len(parts_t)}")
     for name, xs in (("x_s", parts_s), ("x_t", parts_t)):
@@ -186,8 +195,37 @@ def _relation_parts(x_s: Tensor | Sequence[Tensor], x_t: Tensor | Sequence[Tenso
     return parts_s, parts_t
 
 
+def _split_like(joined: Tensor, name: str, parts: list[Tensor], parts_name: str) -> list[Tensor]:
+    heads = [x.shape[1] for x in parts]
+    if joined.shape[1] != sum(heads):
+        raise ValueError(f"{name} has {joined.shape[1]} heads; the {len(parts)} tensors of {parts_name} have "
+                         f"{sum(heads)} in all")
+    return list(joined.split(heads, dim=1))
+
+
 def _joined(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def relation_operand(parts: Sequence[Tensor], *, impl: str = "auto") -> Tensor | list[Tensor]:
+    """Tensors whose self-relations will be taken together by `relation_kl`, in the form it reads
+    without a copy: as they are where the fused kernels read them in place, else joined along the heads
+    (the copy made now, once). For an operand kept for later, such as a teacher's Q/K/V across a
+    forward pass: kept joined, the parts need not be kept beside a copy.
+
+    Example:
+        >>> import torch
+        >>> q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+        >>> relation_operand([q, k]).shape  # on the CPU: joined
+        torch.Size([1, 6, 8, 16])
+    """
+    parts = list(parts)
+    if _resolve_impl(impl, parts[0], parts[0]) == "triton":
+        from linearard.ops.triton_kernels import RELATION_PARTS
+
+        if len(parts) <= RELATION_PARTS:
+            return parts
+    return _joined(parts)
 
 
 def _check_reduction(reduction: str) -> None:

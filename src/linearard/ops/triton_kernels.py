@@ -8,6 +8,10 @@ keeps online max / sum-of-exponentials for student and teacher together, plus th
     KL_row = ln2 · (Σ p_t (t − s) − lse_t + lse_s),  with Σ p_t (t − s) = cross / l_t.
 Causal programs stop at the diagonal. The two per-row log-sum-exps are all that is kept.
 
+A self-relation may join the heads of up to three tensors (a layer's Q, K and V, which need not share a
+layout): a program finds its head's tensor and strides from the head index (`_head`), so nothing is
+copied and one launch covers them all.
+
 Backward (FlashAttention-2 style, no atomics, so bit-identical run to run): ∂KL_row/∂s_ij = p_s − p_t.
 A dQ kernel sweeps columns per block of rows; a dK kernel sweeps rows per block of key columns and
 loops over the query heads that share that key head itself. Both recompute the logit tiles of
@@ -444,7 +448,7 @@ class _Problem(NamedTuple):
 
     def common_args(self) -> list:
         """The kernels' leading arguments: the inputs, their strides and the parts' first heads."""
-        spare = 2 - len(self.more_s)  # slots of missing parts: never read
+        spare = RELATION_PARTS - 1 - len(self.more_s)  # slots of missing parts: never read
         more_s = (*self.more_s, *(self.q_s,) * spare)
         more_t = (*self.more_t, *(self.q_t,) * spare)
         tensors = (self.q_s, self.k_s, self.q_t, self.k_t, *more_s, *more_t)
