@@ -18,7 +18,6 @@ The memory estimate is arithmetic on the model's shape, not a measurement. Per p
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -234,38 +233,56 @@ def plan_stages(
         cpt_len = config.cpt_seq_len or scaling.target_length
         _check_length("--cpt-seq-len", cpt_len, scaling)
         lengths.append(("cpt", ObjectiveSpec.single("cpt"), cpt_len, config.cpt_tokens))
-    stages = []
-    for name, objective, seq_len, budget in lengths:
-        def fits(batch: int, recompute: bool, objective: ObjectiveSpec = objective, seq_len: int = seq_len) -> bool:
-            if shape is None:
-                return True
-            parts = _stage_memory(config, shape, objective, seq_len, batch, bf16, recompute)
-            return _fixed_memory(config, shape, world_size) + sum(parts.values()) <= _memory_budget(device)
+    room = None if shape is None else _memory_budget(device) - _fixed_memory(config, shape, world_size)
+    return [
+        _fitted_stage(config, shape, name, objective, seq_len, budget, step_tokens, world_size, bf16, room)
+        for name, objective, seq_len, budget in lengths
+    ]
 
-        recompute = _recomputes_teacher(config, shape, objective, seq_len, bf16, fits)
-        batch, accum = _micro_batches(
-            config, step_tokens, seq_len, world_size, functools.partial(fits, recompute=recompute)
-        )
-        stages.append(_stage(name, objective, seq_len, budget, batch, accum, world_size, recompute))
-    return stages
+
+def _fitted_stage(
+    config: RestoreConfig,
+    shape: ModelShape | None,
+    name: str,
+    objective: ObjectiveSpec,
+    seq_len: int,
+    budget: int,
+    step_tokens: int,
+    world_size: int,
+    bf16: bool,
+    room: int | None,
+) -> Stage:
+    """One stage: whether it recomputes the teacher, and its micro-batches as many blocks as the memory
+    estimate fits in the `room` the fixed parts leave (None: no shape to estimate from)."""
+
+    def stage_bytes(batch: int, recompute: bool) -> int:
+        return sum(_stage_memory(config, shape, objective, seq_len, batch, bf16, recompute).values())
+
+    recompute = _recomputes_teacher(config, shape, objective, stage_bytes, room)
+
+    def fits(batch: int) -> bool:
+        return room is None or stage_bytes(batch, recompute) <= room
+
+    batch, accum = _micro_batches(config, step_tokens, seq_len, world_size, fits)
+    return _stage(name, objective, seq_len, budget, batch, accum, world_size, recompute)
 
 
 def _recomputes_teacher(
-    config: RestoreConfig, shape: ModelShape | None, objective: ObjectiveSpec, seq_len: int, bf16: bool, fits: Any
+    config: RestoreConfig, shape: ModelShape | None, objective: ObjectiveSpec, stage_bytes: Any, room: int | None
 ) -> bool:
     """Whether a stage's student layers recompute the teacher's Q/K/V (`TeacherStudent`): as
     --recompute-teacher says, or by default under gradient checkpointing where keeping them would not fit
-    one block and recomputing needs less (a shallow model keeps little more than one layer's worth either
-    way). Recomputing costs host time, so it is not the default where they fit."""
+    one block in the `room` the fixed parts leave and recomputing needs less (a shallow model keeps
+    little more than one layer's worth either way). Recomputing costs host time, so it is not the
+    default where they fit. `stage_bytes(batch, recompute)`: one micro-batch's estimate."""
     if shape is None or not objective.reads(shape.num_layers).attention:
         return False
     if config.recompute_teacher is not None:
         return config.recompute_teacher
-    if not config.gradient_checkpointing or fits(1, False):
+    if not config.gradient_checkpointing:
         return False
-    kept, recomputed = (sum(_stage_memory(config, shape, objective, seq_len, 1, bf16, r).values())
-                        for r in (False, True))
-    return recomputed < kept
+    kept = stage_bytes(1, False)
+    return kept > room and stage_bytes(1, True) < kept
 
 
 def tokens_per_step(config: RestoreConfig, world_size: int, device: str) -> int:
