@@ -3,6 +3,7 @@ signal, gradient routing, gradient checkpointing and weighted combinations."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
@@ -332,6 +333,50 @@ def assert_same_step(a, b):
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(("spec", "layers", "run"), [
+    ("ard", "0-1", 2),  # the last distilled layer runs up to its attention inputs
+    ("attention", "1", 2),
+    ("hidden", "1", 3),  # hidden state 2 read: one layer more, its output normalised in its place
+    ("ard+hidden", "0", 2),
+    ("ard", "all", 4),
+    ("cpt", None, 4),
+    ("logits+ard", "0", 4),
+])
+def test_forwards_run_the_layers_the_loss_reads_and_no_more(spec, layers, run):
+    model, ts = make_pair("llama", num_hidden_layers=4)
+    calls = []
+    for i, layer in enumerate(ts.decoder.layers):
+        layer.register_forward_hook(lambda module, args, out, i=i: calls.append(i))
+    loss, _ = build_objective(spec, layers=layers)(ts, make_batch())
+    loss.backward()
+    forwards = 1 if spec == "cpt" else 2  # next-token loss needs no teacher
+    assert sorted(calls) == sorted(list(range(run)) * forwards)
+    assert model.config.num_hidden_layers == 4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("spec", "layers"), [("ard", "0"), ("hidden+attention", "0")])
+def test_stopping_at_the_deepest_layer_read_changes_no_loss_or_gradient(family, spec, layers, monkeypatch):
+    results = []
+    for stop in (True, False):
+        if not stop:
+            monkeypatch.setattr(TeacherStudent, "first_layers", lambda self, count: contextlib.nullcontext())
+        model, ts = make_pair(family, num_hidden_layers=3)
+        randomise_lora_b(model)
+        loss, metrics = build_objective(spec, layers=layers)(ts, make_batch())
+        loss.backward()
+        results.append((loss.detach(), metrics, grads(model)))
+    assert_same_step(*results)
+
+
+def test_the_layer_count_comes_back_when_a_shortened_forward_fails():
+    model, ts = make_pair("llama", num_hidden_layers=3)
+    with pytest.raises(RuntimeError, match="inside"), ts.first_layers(1):
+        assert model.config.num_hidden_layers == 1
+        raise RuntimeError("inside")
+    assert model.config.num_hidden_layers == 3
 
 
 @pytest.mark.parametrize("spec", ["ard", "attention", "ard+hidden+logits+cpt"])

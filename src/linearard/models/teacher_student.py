@@ -245,6 +245,7 @@ class TeacherStudent:
         self.model = model
         self.scaling = scaling
         self.decoder = _find_decoder(model)
+        self.num_layers: int = self.decoder.config.num_hidden_layers
         self.adapters = AdapterSwitch(model)
         attention = [getattr(layer, "self_attn", None) for layer in self.decoder.layers]
         if recompute_teacher and None in attention:
@@ -291,10 +292,6 @@ class TeacherStudent:
     @property
     def config(self) -> Any:
         return self.decoder.config
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_hidden_layers
 
     @contextmanager
     def teacher(self) -> Iterator[None]:
@@ -346,6 +343,22 @@ class TeacherStudent:
             except _Recomputed as done:
                 return done.inputs
         raise RuntimeError(f"layer {layer}'s attention module returned without calling attention")
+
+    @contextmanager
+    def first_layers(self, count: int) -> Iterator[None]:
+        """Forwards in the block run the first `count` decoder layers only: what a loss reads of a
+        forward ends at some layer, and the layers past it would compute what nothing reads. The
+        decoder's final state is then layer ``count - 1``'s output, normalised. Transformers' decoders
+        run ``layers[: config.num_hidden_layers]``, which the block lowers."""
+        config = self.config
+        if count >= self.num_layers:
+            yield
+            return
+        config.num_hidden_layers = count
+        try:
+            yield
+        finally:
+            config.num_hidden_layers = self.num_layers
 
     @contextmanager
     def causal_only(self, length: int) -> Iterator[None]:

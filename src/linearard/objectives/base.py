@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import torch
@@ -122,20 +122,20 @@ def run_steps(
     mask = None if batch.get("padded_right") else attention_mask(batch)
     teacher: HiddenStates = {}
     capturing = [s for s in steps if s.captures_attention]
+    layers = frozenset().union(*(s.attention_layers for s in capturing))
     student_hooks = [s.on_student_attention for s in capturing]
     if any(s.needs_teacher for s in steps):
         wanted = frozenset().union(*(s.teacher_hidden for s in steps))
         if ts.recompute_teacher and capturing:
-            layers = frozenset().union(*(s.attention_layers for s in capturing))
             with torch.no_grad(), ts.teacher(), ts.record(layers) as calls:
-                teacher = _forward(ts, input_ids, mask, wanted)
+                teacher = _forward(ts, input_ids, mask, wanted, layers)
             student_hooks = [_pairs(ts, calls, capturing)]
         else:
             with torch.no_grad(), ts.teacher(), _capture(ts, [s.on_teacher_attention for s in capturing]):
-                teacher = _forward(ts, input_ids, mask, wanted)
+                teacher = _forward(ts, input_ids, mask, wanted, layers)
     wanted = frozenset().union(*(s.student_hidden for s in steps))
     with ts.student(), _capture(ts, student_hooks):
-        student = _forward(ts, input_ids, mask, wanted)
+        student = _forward(ts, input_ids, mask, wanted, layers)
     return [s.finish(teacher, student) for s in steps]
 
 
@@ -153,6 +153,21 @@ def _pairs(ts: TeacherStudent, calls: dict, steps: Sequence[Step]) -> Callable[[
                 step.on_student_attention(layer, student)
 
     return pair
+
+
+def forward_layers(num_layers: int, attention: Iterable[int], hidden: Iterable[int]) -> int:
+    """How many leading decoder layers a forward runs when its loss reads the attention inputs of the
+    layers `attention` and the hidden states `hidden` (``hidden_states`` indices): through the deepest
+    layer whose inputs are read, and one layer past the deepest hidden state read below the top, since
+    transformers hands back the last layer run normalised, in its place. All of them when nothing is read.
+
+    Example:
+        >>> forward_layers(30, attention=range(15), hidden=[])
+        15
+        >>> forward_layers(30, attention=[], hidden=[4])
+        5
+    """
+    return min(max([i + 1 for i in (*attention, *hidden)], default=num_layers), num_layers)
 
 
 def attention_mask(batch: Batch) -> torch.Tensor:
@@ -253,13 +268,20 @@ def _capture(ts: TeacherStudent, hooks: list[Callable]) -> contextlib.AbstractCo
 
 
 def _forward(
-    ts: TeacherStudent, input_ids: torch.Tensor, mask: torch.Tensor | None, wanted: frozenset[int]
+    ts: TeacherStudent,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    wanted: frozenset[int],
+    attention_layers: frozenset[int],
 ) -> HiddenStates:
     # Through the whole model, so wrappers around it (peft, data-parallel) see a forward; but with the
     # LM head on the last position only: objectives that need logits apply the head themselves, in
     # chunks. All hidden states are asked for (transformers before 5.24 takes no list of indices); they
     # are layer outputs that autograd or checkpointing keeps anyway, and only the wanted ones are returned.
-    with ts.causal_only(input_ids.shape[1]) if mask is None else contextlib.nullcontext():
+    with (
+        ts.causal_only(input_ids.shape[1]) if mask is None else contextlib.nullcontext(),
+        ts.first_layers(forward_layers(ts.num_layers, attention_layers, wanted)),
+    ):
         out = ts.model(
             input_ids=input_ids,
             attention_mask=mask,

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from linearard.errors import UserError
 from linearard.objectives.attention import RELATIONS, AttentionDistillation, RelationDistillation
-from linearard.objectives.base import Objective, parse_indices
+from linearard.objectives.base import Objective, forward_layers, parse_indices
 from linearard.objectives.hidden import HiddenDistillation
 from linearard.objectives.language import LogitDistillation, NextToken
 
@@ -76,6 +76,10 @@ class Reads:
         deepest += list(self.hidden)
         deepest += list(self.attention)  # layer i's inputs come from layers 0 .. i-1
         return min(max(deepest, default=0), num_layers)
+
+    def forward_layers(self, num_layers: int) -> int:
+        """How many leading decoder layers each forward runs (`linearard.objectives.base.forward_layers`)."""
+        return forward_layers(num_layers, self.attention, self.hidden | ({num_layers} if self.logits else set()))
 
     def reaches(self, parameter: str, num_layers: int) -> bool:
         """Whether the trainable parameter named `parameter` can get a gradient from this loss.

@@ -408,10 +408,11 @@ def _stage_memory(
     q = shape.num_heads * shape.head_dim
     kv = shape.num_kv_heads * shape.head_dim
     per_layer_token = 6 * shape.hidden_size + 3 * (q + 2 * kv) + 4 * shape.intermediate_size
+    layers = objective.reads(shape.num_layers).forward_layers(shape.num_layers)
     if config.gradient_checkpointing:
-        activations = tokens * act * (shape.num_layers * shape.hidden_size + per_layer_token)
+        activations = tokens * act * (layers * shape.hidden_size + per_layer_token)
     else:
-        activations = tokens * act * shape.num_layers * per_layer_token
+        activations = tokens * act * layers * per_layer_token
     return {"activations": activations,
             **objective.memory(shape, tokens, act, recompute_teacher=recompute_teacher)}
 
