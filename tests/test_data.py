@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -427,6 +428,41 @@ def test_micro_batches_made_ahead_keep_the_position_of_what_was_taken(corpus, to
     resumed = make()
     resumed.load_state_dict(state)
     assert blocks_of(resumed, 8) == reference[12:]
+
+
+class _EndlessBlocks:
+    """A block stream that counts what was drawn from it: every block full, position = blocks drawn."""
+
+    def __init__(self, seq_len: int):
+        self.seq_len, self.drawn = seq_len, 0
+
+    def __iter__(self):
+        while True:
+            self.drawn += 1
+            block = torch.ones(self.seq_len, dtype=torch.long)
+            yield {"input_ids": block, "attention_mask": block}
+
+    def position(self) -> int:
+        return self.drawn
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "batch_size", "ahead"),
+    [(1024, 32, 32), (1024, 2, 64), (8192, 64, 4)],  # a million tokens ahead, at least 4 and at most 64 micro-batches
+)
+def test_micro_batches_are_made_about_a_million_tokens_ahead(seq_len, batch_size, ahead):
+    from linearard.training.batches import MicroBatches
+
+    stream = _EndlessBlocks(seq_len)
+    batches = MicroBatches(stream, batch_size, torch.device("cpu"))
+    next(batches)
+    seen, deadline = -1, time.monotonic() + 30
+    while stream.drawn != seen and time.monotonic() < deadline:  # until the thread waits on a full queue
+        seen = stream.drawn
+        time.sleep(0.2)
+    batches.close()
+    # one batch taken, `ahead` queued, one made and waiting for room
+    assert stream.drawn == (1 + ahead + 1) * batch_size
 
 
 def test_micro_batches_raise_the_streams_error_in_the_training_thread(corpus, tokenizer):

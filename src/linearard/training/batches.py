@@ -5,11 +5,16 @@ micro-batches in pinned memory and queues a few; the step copies each to the dev
 Tokenising and stacking then overlap the device's work instead of adding to it. Each queued batch
 carries the data position after it, so a checkpoint records exactly what the steps consumed, however
 far ahead the thread has run.
+
+The stream does not deliver evenly: one tokenizer call hands over a few hundred blocks at once, and at an
+epoch's start the shuffle buffer fills before the first block comes out. The thread therefore runs about
+a million tokens ahead, so that a step which trains half a million tokens a second does not wait for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import threading
 from typing import Any
@@ -19,6 +24,9 @@ import torch
 from linearard.data import TokenBlocks
 
 _DONE = object()
+# made ahead: micro-batches holding about this many tokens, within [_MIN_DEPTH, _MAX_DEPTH]
+_AHEAD_TOKENS = 1 << 20
+_MIN_DEPTH, _MAX_DEPTH = 4, 64
 
 
 class MicroBatches:
@@ -28,7 +36,7 @@ class MicroBatches:
         blocks: the stage's block stream, positioned where training continues.
         batch_size: blocks per micro-batch.
         device: where the batches go (copied without blocking from pinned memory on CUDA).
-        depth: micro-batches made ahead.
+        depth: micro-batches made ahead; by default as many as hold about a million tokens (4 to 64).
 
     Example:
         >>> batches = MicroBatches(blocks, 8, torch.device("cuda"))  # doctest: +SKIP
@@ -37,7 +45,9 @@ class MicroBatches:
         >>> batches.close()  # doctest: +SKIP
     """
 
-    def __init__(self, blocks: TokenBlocks, batch_size: int, device: torch.device, depth: int = 4):
+    def __init__(self, blocks: TokenBlocks, batch_size: int, device: torch.device, depth: int | None = None):
+        if depth is None:
+            depth = min(max(math.ceil(_AHEAD_TOKENS / (batch_size * blocks.seq_len)), _MIN_DEPTH), _MAX_DEPTH)
         self.blocks = blocks
         self.batch_size = batch_size
         self.device = device
