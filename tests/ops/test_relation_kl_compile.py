@@ -1,5 +1,11 @@
 """The relation KL as registered operators: `torch.library.opcheck`, and `torch.compile` without graph breaks."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from relation_kl_cases import Case, check_compiled, max_error, run_impl, value_and_grads
@@ -72,7 +78,7 @@ def test_compiled_with_aot_eager_is_one_graph_and_matches_eager():
     check_compiled(recording_aot_eager)
     assert len(graphs) == 1
     calls = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
-    assert calls.count(torch.ops.linearard.attention_kl_blocked.default) == 2
+    assert calls.count(blocked_forward._opoverload) == 2
 
 
 def test_compiled_across_lengths_matches_eager():
@@ -98,3 +104,38 @@ def test_compiled_across_lengths_matches_eager():
 def test_compiled_with_inductor_matches_eager():
     torch._dynamo.reset()
     check_compiled("inductor")
+
+
+# Compiles a call of the blocked operator with inductor, as package version argv[1], and prints inductor's
+# counters: whether the graph came from the on-disk cache.
+_CACHE_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    import linearard
+    linearard.__version__ = sys.argv[1]  # before the operators register
+    import torch
+    from torch._dynamo.utils import counters
+    from linearard.ops.blocked import attention_kl_blocked
+    q = torch.randn(1, 2, 9, 8)
+    with torch.no_grad():
+        torch.compile(lambda a, b: attention_kl_blocked(a, a, b, b, None, True, 0.5, 0.5, 4))(q, q + 1)
+    print(json.dumps(counters["inductor"]))
+    """
+)
+
+
+def test_a_new_version_does_not_reuse_graphs_compiled_for_the_old_operators(tmp_path):
+    """torch's compiled-graph cache knows an operator by its name, not by what its fake returns: the
+    version in the names keeps an upgrade whose fakes changed from running graphs compiled for the old."""
+
+    def compile_as(version: str) -> dict:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+        result = subprocess.run(
+            [sys.executable, "-c", _CACHE_PROBE, version], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert compile_as("0.1.0").get("fxgraph_cache_miss") == 1
+    assert compile_as("0.1.0").get("fxgraph_cache_hit") == 1  # the cache is on, and serves the same version
+    assert compile_as("0.2.0rc1").get("fxgraph_cache_miss") == 1

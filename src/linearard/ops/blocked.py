@@ -3,8 +3,8 @@
 The forward walks over blocks of query rows, materialising only a [B, Hq, rows, T] slab of logits at
 a time, and keeps the two per-row log-sum-exps for the backward, which recomputes each slab. Both
 accumulate in float32 (float64 for float64 inputs), whatever the input dtype. They are registered as
-the operators linearard::attention_kl_blocked and linearard::attention_kl_blocked_backward (see
-`linearard.ops.registration`).
+the operators linearard::attention_kl_blocked and linearard::attention_kl_blocked_backward, each name
+ending in the package version (see `linearard.ops.registration`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from linearard.ops.naive import accumulation_dtype, row_is_valid, valid_pairs
-from linearard.ops.registration import register_relation_kl, skipped_gradient
+from linearard.ops.registration import operator_name, register_relation_kl, skipped_gradient
 
 # Elements of one [B, Hq, rows, cols] slab; a handful of slabs are alive at once. Small on the CPU
 # (4 MB in float32), where the allocator keeps freed chunks; larger on GPUs, where each slab costs a
@@ -147,9 +147,9 @@ def _blocked_backward(
     )
 
 
-blocked_forward = torch.library.custom_op("linearard::attention_kl_blocked", _blocked_forward, mutates_args=())
+blocked_forward = torch.library.custom_op(operator_name("attention_kl_blocked"), _blocked_forward, mutates_args=())
 blocked_backward = torch.library.custom_op(
-    "linearard::attention_kl_blocked_backward", _blocked_backward, mutates_args=()
+    operator_name("attention_kl_blocked_backward"), _blocked_backward, mutates_args=()
 )
 _blocked_kl = register_relation_kl(blocked_forward, blocked_backward, eager=(_blocked_forward, _blocked_backward))
 

@@ -18,20 +18,31 @@ pair over up to three tensors whose heads it joins without copying them (`RELATI
 `register_relation_kl` gives such a pair its fake implementations (shapes, dtypes and device only), so
 that `torch.compile` keeps each call as one node of its graph, and the forward its autograd formula,
 which calls the backward operator: that is the only autograd path of every implementation.
+
+Each name ends in the package version (`operator_name`): torch's on-disk cache of compiled graphs knows
+an operator by its name alone, not by what its fake implementation returns, so a release whose fakes
+changed would otherwise run graphs compiled against the old ones.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
+from linearard import __version__
 from linearard.ops.naive import accumulation_dtype
 
 if TYPE_CHECKING:
     from torch.library import CustomOpDef
+
+
+def operator_name(name: str) -> str:
+    """The qualified name of one of the package's operators: ``linearard::<name>_v<version>``."""
+    return f"linearard::{name}_v{re.sub(r'[^0-9A-Za-z]', '_', __version__)}"
 
 
 class Signature(NamedTuple):

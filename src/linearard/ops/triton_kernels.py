@@ -18,7 +18,9 @@ loops over the query heads that share that key head itself. Both recompute the l
 student and teacher from the saved log-sum-exps.
 
 The launchers are registered as the operators linearard::attention_kl_triton and
-linearard::attention_kl_triton_backward (see `linearard.ops.registration`). Triton is optional:
+linearard::attention_kl_triton_backward, and the self-relation pair linearard::relation_kl_triton and
+linearard::relation_kl_triton_backward, each name ending in the package version (see
+`linearard.ops.registration`). Triton is optional:
 without it this module still imports, and `attention_kl_triton` is not reached
 (`linearard.ops.functional` dispatches to the blocked PyTorch path instead).
 """
@@ -30,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from linearard.ops.registration import RELATION, register_relation_kl, skipped_gradient
+from linearard.ops.registration import RELATION, operator_name, register_relation_kl, skipped_gradient
 
 try:
     import triton
@@ -638,14 +640,16 @@ def _present(*parts: Tensor | None) -> list[Tensor]:
     return [x for x in parts if x is not None]
 
 
-triton_forward = torch.library.custom_op("linearard::attention_kl_triton", _triton_forward, mutates_args=())
-triton_backward = torch.library.custom_op("linearard::attention_kl_triton_backward", _triton_backward, mutates_args=())
+triton_forward = torch.library.custom_op(operator_name("attention_kl_triton"), _triton_forward, mutates_args=())
+triton_backward = torch.library.custom_op(
+    operator_name("attention_kl_triton_backward"), _triton_backward, mutates_args=()
+)
 _triton_kl = register_relation_kl(triton_forward, triton_backward, eager=(_triton_forward, _triton_backward))
 triton_relation_forward = torch.library.custom_op(
-    "linearard::relation_kl_triton", _triton_relation_forward, mutates_args=()
+    operator_name("relation_kl_triton"), _triton_relation_forward, mutates_args=()
 )
 triton_relation_backward = torch.library.custom_op(
-    "linearard::relation_kl_triton_backward", _triton_relation_backward, mutates_args=()
+    operator_name("relation_kl_triton_backward"), _triton_relation_backward, mutates_args=()
 )
 _triton_relation_kl = register_relation_kl(
     triton_relation_forward,
