@@ -456,13 +456,13 @@ def test_micro_batches_are_made_about_a_million_tokens_ahead(seq_len, batch_size
     stream = _EndlessBlocks(seq_len)
     batches = MicroBatches(stream, batch_size, torch.device("cpu"))
     next(batches)
-    seen, deadline = -1, time.monotonic() + 30
-    while stream.drawn != seen and time.monotonic() < deadline:  # until the thread waits on a full queue
-        seen = stream.drawn
-        time.sleep(0.2)
+    expected = (1 + ahead + 1) * batch_size  # one batch taken, `ahead` queued, one made and waiting for room
+    deadline = time.monotonic() + 30
+    while stream.drawn < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # and no more than that
     batches.close()
-    # one batch taken, `ahead` queued, one made and waiting for room
-    assert stream.drawn == (1 + ahead + 1) * batch_size
+    assert stream.drawn == expected
 
 
 def test_micro_batches_raise_the_streams_error_in_the_training_thread(corpus, tokenizer):
