@@ -1,6 +1,6 @@
 """Optimizer steps replayed from a CUDA graph: the optimizer and scheduler state it needs round-trips
 through a checkpoint; on a GPU, graph-replayed steps train as eager ones (one process, tied and untied
-embeddings; DDP under torchrun, its all-reduce recorded too) and resume after a stop."""
+embeddings, compiled layers too; DDP under torchrun, its all-reduce recorded too) and resume after a stop."""
 
 import dataclasses
 import json
@@ -167,6 +167,25 @@ def test_graph_replayed_steps_train_as_eager_steps_and_resume_after_a_stop(model
     resumed = build_config(flags={**stopped.to_dict(), "resume": True})
     restore(resumed, log=lambda _: None)
     assert _worst_difference(b, _adapters(resumed)) < 1e-3
+
+
+@gpu
+@pytest.mark.gpu
+def test_the_cuda_default_compiled_layers_replayed_trains_as_eager_layers_from_four_graphs(model_and_corpus, tmp_path):
+    import torch._dynamo.utils
+
+    eager = _run(model_and_corpus, tmp_path / "eager", cuda_graphs=False)
+    restore(eager, log=lambda _: None)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = _run(model_and_corpus, tmp_path / "compiled", compile=True)
+    assert compiled.replays_graphs("cuda")
+    restore(compiled, log=lambda _: None)
+    # the teacher and the student, each a graph on either side of the Q/K/V capture
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
+    losses = [[r["loss"] for r in read_metrics(c.output)] for c in (eager, compiled)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    assert _worst_difference(_adapters(eager), _adapters(compiled)) < 1e-2
 
 
 @gpu
