@@ -134,7 +134,7 @@ class _Capture:
             self.fn(layer, inputs)
 
 
-# The setting came with torch 2.9 in an early form; it is used where it was verified (2.11 and 2.13).
+# Dynamo's nested_graph_breaks came before torch 2.11 in early forms; it is used where it was verified (2.11, 2.13).
 _RESUMES_NESTED_FRAMES = torch.__version__ >= (2, 11)
 
 
