@@ -541,6 +541,7 @@ def test_compiled_layers_train_the_same_and_compile_once(checkpointing):
             enable_activation_checkpointing(model)
         if compiled:
             torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()  # counts of the session's earlier tests
             compile_layers(ts, backend="aot_eager")
         graphs = []
         for seed in range(3):  # a new batch (and new closures in the objective) every step
