@@ -74,14 +74,16 @@ def _flag_args(flags):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one(setup, strategy):
+# compiled layers: what torchrun runs on CUDA by default, here with inductor's CPU code
+@pytest.mark.parametrize(("strategy", "compiled"), [("ddp", False), ("fsdp", False), ("ddp", True)])
+def test_two_processes_match_one(setup, strategy, compiled):
     root, flags, single = setup
-    output = root / strategy
+    output = root / (strategy + "-compiled" * compiled)
     done = _torchrun([*_flag_args({**flags, "max_tokens": 64 * 2 * STEPS, "output": str(output)}),
-                      "--strategy", strategy])
+                      "--strategy", strategy, "--compile" if compiled else "--no-compile"], timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: 4 steps, 512 tokens") == 1  # only the main process reports
+    assert ("compiled layers" in done.stdout) == compiled
 
     losses = [r["loss"] for r in read_metrics(output)]
     assert len(losses) == STEPS and losses[-1] < losses[0]
