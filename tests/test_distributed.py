@@ -80,7 +80,7 @@ def test_two_processes_match_one(setup, strategy, compiled):
     root, flags, single = setup
     output = root / (strategy + "-compiled" * compiled)
     done = _torchrun([*_flag_args({**flags, "max_tokens": 64 * 2 * STEPS, "output": str(output)}),
-                      "--strategy", strategy, "--compile" if compiled else "--no-compile"], timeout=600)
+                      "--strategy", strategy, *["--compile"] * compiled], timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: 4 steps, 512 tokens") == 1  # only the main process reports
     assert ("compiled layers" in done.stdout) == compiled
